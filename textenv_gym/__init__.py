@@ -1,0 +1,29 @@
+"""textenv_gym: TextGen-v0, a Gymnasium text-generation environment for reinforcement learning.
+
+``import textenv_gym`` registers ``TextGen-v0``; ``gym.make("textenv_gym:TextGen-v0")`` works without it.
+"""
+
+from gymnasium.envs.registration import register, registry
+
+from textenv_gym.dynamics import SequenceBatch, TextGenConfig, reward_components
+from textenv_gym.text_gen import TextGenEnv
+from textenv_gym.vector import TextGenVectorEnv
+from textenv_gym.vocabulary import DEFAULT_VOCABULARY, Tokenizer
+
+__all__ = [
+    "DEFAULT_VOCABULARY",
+    "SequenceBatch",
+    "TextGenConfig",
+    "TextGenEnv",
+    "TextGenVectorEnv",
+    "Tokenizer",
+    "reward_components",
+]
+__version__ = "0.1.0"
+
+if "TextGen-v0" not in registry:
+    register(
+        id="TextGen-v0",
+        entry_point="textenv_gym.text_gen:TextGenEnv",
+        vector_entry_point="textenv_gym.vector:TextGenVectorEnv",
+    )

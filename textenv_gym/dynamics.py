@@ -1,0 +1,252 @@
+"""The dynamics of TextGen-v0, written once for any number of sequences.
+
+:class:`TextGenConfig` validates the environment's arguments, :class:`SequenceBatch` holds N token
+sequences in numpy arrays and appends one token to each, and :func:`reward_components` is the
+reward. The scalar environment is a batch of one; the batched environments use the same code.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from textenv_gym.vocabulary import Tokenizer, default_vocabulary
+
+DEFAULT_VOCAB_SIZE = 50
+DEFAULT_MAX_LENGTH = 20
+
+
+def _require_int(name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    return int(value)
+
+
+def _require_finite(name: str, value: Any) -> float:
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name}: expected a finite number, got {value}")
+    return float(value)
+
+
+def _token_ids(name: str, values: Any, vocab_size: int) -> np.ndarray:
+    """``values`` as an int64 array of token ids in ``[0, vocab_size)``, or a ValueError naming ``name``."""
+    array = np.asarray(values)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if array.ndim != 1:
+        raise ValueError(f"{name}: expected a flat list of token ids, got shape {array.shape}")
+    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
+        array = array.astype(np.int64)
+    if array.dtype.kind not in "iu":
+        raise ValueError(f"{name}: expected integer token ids, got {values!r}")
+    out_of_range = array[(array < 0) | (array >= vocab_size)]
+    if out_of_range.size:
+        raise ValueError(
+            f"{name}: token ids must lie in [0, {vocab_size - 1}], got {out_of_range.tolist()}"
+        )
+    return array.astype(np.int64)
+
+
+@dataclass(frozen=True)
+class TextGenConfig:
+    """The validated arguments of TextGen-v0 (see :class:`textenv_gym.TextGenEnv` for their meaning)."""
+
+    vocab_size: int | None = None
+    max_length: int = DEFAULT_MAX_LENGTH
+    repetition_penalty: float = -0.5
+    repetition_window: int = 3
+    forbidden_tokens: Sequence[int] = ()
+    forbidden_penalty: float = -1.0
+    vocabulary: Sequence[str] | None = None
+    tokenizer: Tokenizer = field(init=False, repr=False, compare=False)
+    forbidden_mask: np.ndarray = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
+        vocab_size = self.vocab_size
+        if self.vocabulary is not None:
+            if isinstance(self.vocabulary, str):
+                raise ValueError("vocabulary: expected a list of token strings, got one str")
+            if len(self.vocabulary) < 2:
+                raise ValueError(f"vocabulary: expected at least 2 tokens, got {len(self.vocabulary)}")
+            if vocab_size is not None and vocab_size != len(self.vocabulary):
+                raise ValueError(
+                    f"vocab_size: got {vocab_size} but vocabulary has {len(self.vocabulary)} tokens; "
+                    "pass one of them or make them agree"
+                )
+            vocab_size = len(self.vocabulary)
+        vocab_size = _require_int("vocab_size", DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size, 2)
+        set_("vocab_size", vocab_size)
+        set_("max_length", _require_int("max_length", self.max_length, 1))
+        set_("repetition_window", _require_int("repetition_window", self.repetition_window, 2))
+        set_("repetition_penalty", _require_finite("repetition_penalty", self.repetition_penalty))
+        set_("forbidden_penalty", _require_finite("forbidden_penalty", self.forbidden_penalty))
+        forbidden = _token_ids("forbidden_tokens", list(self.forbidden_tokens), vocab_size)
+        mask = np.zeros(vocab_size, dtype=bool)
+        mask[forbidden] = True
+        if mask.all():
+            raise ValueError(f"forbidden_tokens: every one of the {vocab_size} tokens is forbidden; allow at least one")
+        mask.setflags(write=False)
+        set_("forbidden_tokens", tuple(sorted(set(forbidden.tolist()))))
+        set_("forbidden_mask", mask)
+        vocabulary = default_vocabulary(vocab_size) if self.vocabulary is None else self.vocabulary
+        set_("tokenizer", Tokenizer(vocabulary))
+        set_("vocabulary", self.tokenizer.vocabulary)
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id of observations: ``vocab_size`` (one past the last token id)."""
+        return self.vocab_size
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The arguments that rebuild this configuration (for ``gym.make`` or a saved model)."""
+        return {
+            "vocab_size": self.vocab_size,
+            "max_length": self.max_length,
+            "repetition_penalty": self.repetition_penalty,
+            "repetition_window": self.repetition_window,
+            "forbidden_tokens": list(self.forbidden_tokens),
+            "forbidden_penalty": self.forbidden_penalty,
+            "vocabulary": list(self.vocabulary),
+        }
+
+    def encode_prompt(self, prompt: Any) -> np.ndarray:
+        """A prompt (text, token ids or None) as token ids, checked to leave room for one action."""
+        if prompt is None:
+            return np.zeros(0, dtype=np.int64)
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt, self.vocab_size)
+        if len(ids) > self.max_length - 1:
+            raise ValueError(
+                f"prompt: has {len(ids)} tokens but at most max_length - 1 = {self.max_length - 1} "
+                "are allowed (the episode needs room for at least one action)"
+            )
+        return np.asarray(ids, dtype=np.int64)
+
+
+def reward_components(
+    diversity: np.ndarray, repeated: np.ndarray, forbidden: np.ndarray, config: TextGenConfig
+) -> dict[str, np.ndarray]:
+    """The reward of each new sequence, by component; the reward is their sum.
+
+    - ``diversity``: unique tokens / total tokens of the whole sequence (prompt included);
+    - ``repetition``: ``repetition_penalty`` when the last ``repetition_window`` tokens are identical;
+    - ``forbidden``: ``forbidden_penalty`` when the appended token is forbidden.
+    """
+    return {
+        "diversity": diversity,
+        "repetition": np.where(repeated, config.repetition_penalty, 0.0),
+        "forbidden": np.where(forbidden, config.forbidden_penalty, 0.0),
+    }
+
+
+@dataclass
+class StepOutcome:
+    """What appending one token did to each of the sequences it was appended to."""
+
+    reward: np.ndarray  # float64
+    components: dict[str, np.ndarray]
+    diversity: np.ndarray  # float64
+    repeated: np.ndarray  # bool: the last repetition_window tokens are identical
+    forbidden: np.ndarray  # bool: the appended token is forbidden
+    terminated: np.ndarray  # bool: the sequence reached max_length
+
+
+class SequenceBatch:
+    """N token sequences of at most ``max_length`` tokens, in numpy arrays.
+
+    ``tokens[i, :lengths[i]]`` is sequence ``i``; the rest of the row is ``pad_id``. Alongside,
+    ``unique`` counts its distinct tokens and ``run_length`` the length of its trailing run of
+    identical tokens, so that appending a token costs O(max_length) per sequence, without Python
+    loops over sequences.
+    """
+
+    def __init__(self, config: TextGenConfig, num_sequences: int) -> None:
+        self.config = config
+        self.num_sequences = _require_int("num_envs", num_sequences, 1)
+        shape = (self.num_sequences, config.max_length)
+        self.tokens = np.full(shape, config.pad_id, dtype=np.int64)
+        self.lengths = np.zeros(self.num_sequences, dtype=np.int64)
+        self.unique = np.zeros(self.num_sequences, dtype=np.int64)
+        self.run_length = np.zeros(self.num_sequences, dtype=np.int64)
+        self.set_prompt(None)
+
+    def set_prompt(self, prompt: Any) -> None:
+        """Make ``prompt`` (text, token ids or None) the start of every sequence reset from now on."""
+        ids = self.config.encode_prompt(prompt)
+        row = np.full(self.config.max_length, self.config.pad_id, dtype=np.int64)
+        row[: len(ids)] = ids
+        run = 0
+        while run < len(ids) and ids[len(ids) - 1 - run] == ids[-1]:
+            run += 1
+        self._prompt_row = row
+        self._prompt_state = (len(ids), len(np.unique(ids)), run)
+
+    def reset(self, rows: np.ndarray | slice = slice(None)) -> None:
+        """Start the selected sequences (a boolean mask, indices or a slice) from the prompt."""
+        length, unique, run = self._prompt_state
+        self.tokens[rows] = self._prompt_row
+        self.lengths[rows] = length
+        self.unique[rows] = unique
+        self.run_length[rows] = run
+
+    def append(self, actions: np.ndarray, rows: np.ndarray | None = None) -> StepOutcome:
+        """Append ``actions[j]`` to sequence ``rows[j]`` (all sequences when ``rows`` is None).
+
+        The caller validates the actions and never appends to a full sequence.
+        """
+        rows = np.arange(self.num_sequences) if rows is None else rows
+        tokens, lengths = self.tokens[rows], self.lengths[rows]
+        last = np.where(lengths > 0, tokens[np.arange(len(rows)), np.maximum(lengths - 1, 0)], self.config.pad_id)
+        is_new = ~np.any(tokens == actions[:, None], axis=1)  # padding never equals a token id
+        self.tokens[rows, lengths] = actions
+        self.lengths[rows] = lengths = lengths + 1
+        self.unique[rows] = unique = self.unique[rows] + is_new
+        self.run_length[rows] = run = np.where(last == actions, self.run_length[rows] + 1, 1)
+
+        diversity = unique / lengths
+        repeated = run >= self.config.repetition_window
+        forbidden = self.config.forbidden_mask[actions]
+        components = reward_components(diversity, repeated, forbidden, self.config)
+        reward = sum(components.values())
+        terminated = lengths >= self.config.max_length
+        return StepOutcome(reward, components, diversity, repeated, forbidden, terminated)
+
+
+def validate_action(action: Any, vocab_size: int) -> int:
+    """A single action as an int token id, or a ValueError that says what is wrong with it."""
+    if isinstance(action, np.ndarray):
+        if action.shape != ():
+            raise ValueError(f"action: expected one token id, got an array of shape {action.shape}")
+        action = action[()]
+    if isinstance(action, (bool, np.bool_)) or not isinstance(action, (int, float, np.integer, np.floating)):
+        raise ValueError(f"action: expected an integer token id, got {type(action).__name__} {action!r}")
+    if isinstance(action, (float, np.floating)) and not (math.isfinite(action) and float(action).is_integer()):
+        raise ValueError(f"action: expected an integral token id, got the non-integral float {action!r}")
+    if not 0 <= action < vocab_size:
+        raise ValueError(f"action: token id must lie in [0, {vocab_size - 1}], got {action!r}")
+    return int(action)
+
+
+def validate_actions(actions: Any, num_envs: int, vocab_size: int) -> np.ndarray:
+    """A batch of actions as an int64 array of shape ``(num_envs,)``, or a ValueError."""
+    array = np.asarray(actions)
+    if array.shape != (num_envs,):
+        raise ValueError(f"actions: expected shape ({num_envs},), one token id per environment, got {array.shape}")
+    if array.dtype.kind == "f":
+        integral = np.isfinite(array) & (array == np.round(array))
+        if not integral.all():
+            raise ValueError(f"actions: expected integral token ids, got non-integral floats {array[~integral].tolist()}")
+    elif array.dtype.kind not in "iu":
+        raise ValueError(f"actions: expected integer token ids, got dtype {array.dtype}")
+    bad = (array < 0) | (array >= vocab_size)
+    if bad.any():
+        raise ValueError(f"actions: token ids must lie in [0, {vocab_size - 1}], got {array[bad].tolist()}")
+    return array.astype(np.int64)

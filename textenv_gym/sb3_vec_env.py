@@ -1,0 +1,88 @@
+"""TextGen-v0 as a Stable-Baselines3 ``VecEnv``: the native batched dynamics, SB3's conventions."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
+from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
+
+from textenv_gym.dynamics import SequenceBatch, TextGenConfig, validate_actions
+from textenv_gym.text_gen import observation_space_for
+
+
+class TextGenVecEnv(VecEnv):
+    """``num_envs`` TextGen-v0 sequences stepped together, for SB3 algorithms.
+
+    Follows SB3's ``VecEnv`` conventions: an environment whose episode ends is reset in the same
+    ``step`` (the returned observation is the new episode's first), and its info holds the last
+    observation under ``terminal_observation``, plus ``length`` and ``diversity`` of the finished
+    sequence and ``TimeLimit.truncated=False``. Per-step info of running environments is empty:
+    it is built for speed. A prompt set with ``set_options({"prompt": p})`` is used from the next
+    reset on (SB3 applies options at ``reset()``). Wrap it in SB3's ``VecMonitor`` (or use
+    :func:`make_textgen_vec_env`) for episode statistics.
+
+    :param num_envs: number of sequences.
+    :param seed: seed of the action space's generator (the dynamics are deterministic).
+    :param env_kwargs: the arguments of :class:`textenv_gym.TextGenEnv` (``render_mode`` excepted).
+    """
+
+    def __init__(self, num_envs: int, seed: int | None = None, **env_kwargs: Any) -> None:
+        self.config = TextGenConfig(**env_kwargs)
+        self.sequences = SequenceBatch(self.config, num_envs)
+        self.render_mode = None
+        super().__init__(num_envs, observation_space_for(self.config), spaces.Discrete(self.config.vocab_size))
+        self.action_space.seed(seed)
+        self._actions = np.zeros(num_envs, dtype=np.int64)
+
+    def reset(self) -> np.ndarray:
+        self.sequences.set_prompt(self._options[0].get("prompt") if self._options else None)
+        self.sequences.reset()
+        self._reset_seeds()
+        self._reset_options()
+        return self.sequences.tokens.copy()
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self._actions = validate_actions(actions, self.num_envs, self.config.vocab_size)
+
+    def step_wait(self):
+        outcome = self.sequences.append(self._actions)
+        done = outcome.terminated
+        infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        if done.any():
+            for index in np.flatnonzero(done):
+                infos[index] = {
+                    "terminal_observation": self.sequences.tokens[index].copy(),
+                    "length": int(self.sequences.lengths[index]),
+                    "diversity": float(outcome.diversity[index]),
+                    "TimeLimit.truncated": False,
+                }
+            self.sequences.reset(done)
+        return self.sequences.tokens.copy(), outcome.reward.astype(np.float32), done.copy(), infos
+
+    def close(self) -> None:
+        pass
+
+    def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
+        return [getattr(self, attr_name) for _ in self._get_indices(indices)]
+
+    def set_attr(self, attr_name: str, value: Any, indices: VecEnvIndices = None) -> None:
+        raise AttributeError(f"set_attr: TextGenVecEnv has no per-environment attribute {attr_name!r} to set")
+
+    def env_method(self, method_name: str, *method_args, indices: VecEnvIndices = None, **method_kwargs) -> list[Any]:
+        raise AttributeError(f"env_method: TextGenVecEnv holds no environment objects to call {method_name!r} on")
+
+    def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
+        return [False for _ in self._get_indices(indices)]
+
+    def render(self, mode: str | None = None) -> None:
+        return None
+
+
+def make_textgen_vec_env(num_envs: int = 8, seed: int | None = None, **env_kwargs: Any) -> VecMonitor:
+    """A :class:`TextGenVecEnv` wrapped in SB3's ``VecMonitor`` (episode returns and lengths)."""
+    return VecMonitor(TextGenVecEnv(num_envs, seed=seed, **env_kwargs))

@@ -1,0 +1,158 @@
+"""TextGen-v0: generate a token sequence, one token per step, rewarded for diversity."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+from gymnasium import spaces
+
+from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, SequenceBatch, TextGenConfig, validate_action
+
+
+def observation_space_for(config: TextGenConfig) -> spaces.Box:
+    """The padded token sequence: ``max_length`` ids in ``[0, vocab_size]``, ``vocab_size`` is padding."""
+    return spaces.Box(low=0, high=config.pad_id, shape=(config.max_length,), dtype=np.int64)
+
+
+class TextGenEnv(gym.Env[np.ndarray, np.int64]):
+    """
+    ## Description
+    A toy language-generation task for reinforcement learning. The state is a token sequence;
+    each action appends one token; the reward favours diverse sequences and penalises repeating
+    a token several times in a row and using forbidden tokens. The optimum (no prompt, defaults)
+    is a sequence of 20 distinct tokens: a reward of 1.0 per step, 20.0 per episode. A uniform
+    random policy gets about 18.24.
+
+    ## Action Space
+    `Discrete(vocab_size)`: the id of the token to append (default 50 tokens). A Python or numpy
+    integer, a 0-d integer array or an integral float is accepted; anything else is a `ValueError`.
+
+    ## Observation Space
+    `Box(0, vocab_size, (max_length,), int64)`: the whole sequence so far (prompt included),
+    left-aligned and padded on the right with the padding id `vocab_size` (also `env.pad_id`).
+
+    ## Rewards
+    After the token is appended, the reward of the new sequence is the sum of
+    - `diversity = unique_tokens / total_tokens` over the whole sequence, prompt included;
+    - `repetition_penalty` (default -0.5) when the sequence has at least `repetition_window`
+      (default 3) tokens and its last `repetition_window` tokens are identical;
+    - `forbidden_penalty` (default -1.0) when the appended token is in `forbidden_tokens`.
+
+    Example, defaults: appending 7 to `[3, 7, 7]` gives `[3, 7, 7, 7]`: diversity 2/4 = 0.5, the
+    last three tokens are identical, so the reward is 0.5 - 0.5 = 0.0. The reward of one step lies
+    in `[1 / max_length + min(repetition_penalty, 0) + min(forbidden_penalty, 0), 1 + max(...)]`.
+
+    `info` holds `length`, `diversity`, `repeated` (the window rule fired), `forbidden` (the token
+    is forbidden) and `reward_components` (the three terms above, by name).
+
+    ## Starting State
+    The empty sequence, or a prompt: `reset(options={"prompt": p})` where `p` is a list of token
+    ids or a text encoded with `env.tokenizer` (lower-cased words split on whitespace; an
+    unknown word raises a `ValueError`). The prompt must leave room for one action:
+    at most `max_length - 1` tokens. The environment has no randomness: `seed` only seeds the
+    spaces' and `np_random`'s generators, as Gymnasium requires.
+
+    ## Episode End
+    The episode terminates (`terminated=True`; there is no truncation) when the sequence reaches
+    `max_length` tokens. Stepping after that raises a `ValueError`: call `reset()`.
+
+    ## Arguments
+    - `vocab_size`: number of tokens, at least 2 (default 50, or the length of `vocabulary`).
+    - `max_length`: tokens in a full sequence, prompt included, at least 1 (default 20).
+    - `repetition_penalty`: finite number added when the window rule fires (default -0.5).
+    - `repetition_window`: how many identical trailing tokens count as a repetition, at least 2 (default 3).
+    - `forbidden_tokens`: token ids in `[0, vocab_size)` that must not be generated (default none);
+      they may not cover the whole vocabulary.
+    - `forbidden_penalty`: finite number added when a forbidden token is appended (default -1.0).
+    - `vocabulary`: the token strings (default: 50 English words, `textenv_gym.DEFAULT_VOCABULARY`,
+      extended with `tok50`, `tok51`, ... for larger `vocab_size`).
+    - `render_mode`: `None`, `"ansi"` (`render()` returns the decoded text) or `"human"` (prints it
+      after every `reset` and `step`).
+
+    Invalid arguments raise a `ValueError` that names the argument and what it accepts.
+
+    ## Version History
+    - v0: initial version.
+    """
+
+    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+
+    def __init__(
+        self,
+        vocab_size: int | None = None,
+        max_length: int = DEFAULT_MAX_LENGTH,
+        repetition_penalty: float = -0.5,
+        repetition_window: int = 3,
+        forbidden_tokens: Sequence[int] = (),
+        forbidden_penalty: float = -1.0,
+        vocabulary: Sequence[str] | None = None,
+        render_mode: str | None = None,
+    ) -> None:
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        self.config = TextGenConfig(
+            vocab_size, max_length, repetition_penalty, repetition_window,
+            forbidden_tokens, forbidden_penalty, vocabulary,
+        )
+        self.render_mode = render_mode
+        self.action_space = spaces.Discrete(self.config.vocab_size)
+        self.observation_space = observation_space_for(self.config)
+        self._sequence = SequenceBatch(self.config, 1)
+        self._needs_reset = True
+
+    @property
+    def tokenizer(self):
+        """Encodes text to token ids and decodes ids to text (:class:`textenv_gym.Tokenizer`)."""
+        return self.config.tokenizer
+
+    @property
+    def pad_id(self) -> int:
+        """The padding id of observations (``vocab_size``)."""
+        return self.config.pad_id
+
+    @property
+    def sequence(self) -> list[int]:
+        """The token ids of the current sequence."""
+        return self._sequence.tokens[0, : self._sequence.lengths[0]].tolist()
+
+    def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
+        super().reset(seed=seed)
+        self._sequence.set_prompt((options or {}).get("prompt"))
+        self._sequence.reset()
+        self._needs_reset = False
+        if self.render_mode == "human":
+            self.render()
+        return self._sequence.tokens[0].copy(), self._info()
+
+    def step(self, action):
+        if self._needs_reset:
+            raise ValueError("step: the episode has ended (or never started); call reset() first")
+        token = validate_action(action, self.config.vocab_size)
+        outcome = self._sequence.append(np.array([token], dtype=np.int64))
+        terminated = bool(outcome.terminated[0])
+        self._needs_reset = terminated
+        info = self._info()
+        info.update(
+            repeated=bool(outcome.repeated[0]),
+            forbidden=bool(outcome.forbidden[0]),
+            reward_components={name: float(value[0]) for name, value in outcome.components.items()},
+        )
+        if self.render_mode == "human":
+            self.render()
+        return self._sequence.tokens[0].copy(), float(outcome.reward[0]), terminated, False, info
+
+    def _info(self) -> dict[str, Any]:
+        length = int(self._sequence.lengths[0])
+        diversity = float(self._sequence.unique[0] / length) if length else 0.0
+        return {"length": length, "diversity": diversity, "repeated": False, "forbidden": False}
+
+    def render(self) -> str | None:
+        text = self.tokenizer.decode(self.sequence)
+        if self.render_mode == "ansi":
+            return text
+        if self.render_mode == "human":
+            print(text)
+        return None

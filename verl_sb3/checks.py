@@ -1,0 +1,164 @@
+"""What is checked after a PPO update: small pure functions over the update's tensors.
+
+Each check takes an :class:`UpdateContext` (the old and new policy on the states of the rollout
+just trained on) and returns a :class:`CheckResult`. How an update is verified, backtracked and
+rolled back lives in :mod:`verl_sb3.verified`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+
+import torch as th
+from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, kl_divergence
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """The verdict of one check: ``passed``, the measured ``value``, its ``threshold`` and a message."""
+
+    passed: bool
+    value: float
+    threshold: float | None = None
+    message: str = ""
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class UpdateContext:
+    """The update under verification, on the rollout's states (padding excluded).
+
+    ``advantages``, ``returns``, ``values``, ``actions`` and the log-probabilities are flat tensors
+    over the real samples; the distributions cover the whole (possibly padded) batch, ``mask``
+    selects its real samples. ``kl`` and ``entropy`` are per real sample.
+    """
+
+    old_distribution: Distribution
+    new_distribution: Distribution
+    mask: th.Tensor
+    actions: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+    values: th.Tensor
+    old_log_prob: th.Tensor
+    new_log_prob: th.Tensor
+    normalize_advantage: bool
+    parameters: Sequence[th.Tensor]
+    forbidden_tokens: Sequence[int] = ()
+
+    def __post_init__(self) -> None:
+        self.kl = kl_divergence(self.old_distribution, self.new_distribution)[self.mask]
+        self.entropy = self.new_distribution.entropy()
+        self.entropy = self.entropy[self.mask] if self.entropy is not None else -self.new_log_prob
+
+    @property
+    def normalized_advantages(self) -> th.Tensor:
+        """Advantages scaled as PPO's loss sees them over the whole batch."""
+        return (self.advantages - self.advantages.mean()) / (self.advantages.std() + 1e-8)
+
+    @property
+    def policy_advantages(self) -> th.Tensor:
+        """The advantages the policy loss used: normalised when ``normalize_advantage`` is on."""
+        return self.normalized_advantages if self.normalize_advantage else self.advantages
+
+    def probabilities(self, which: str = "new") -> th.Tensor | None:
+        """Action probabilities of the real samples (Discrete actions only, else None)."""
+        distribution = self.new_distribution if which == "new" else self.old_distribution
+        if not isinstance(distribution, CategoricalDistribution):
+            return None
+        return distribution.distribution.probs[self.mask]
+
+
+Check = Callable[[UpdateContext], CheckResult]
+
+
+def _finite(value: float) -> bool:
+    return math.isfinite(value)
+
+
+def kl_check(ctx: UpdateContext, kl_threshold: float) -> CheckResult:
+    """Exact mean KL(old || new) over the full action distribution is at most ``kl_threshold``."""
+    mean_kl = ctx.kl.mean().item()
+    max_kl = ctx.kl.max().item() if ctx.kl.numel() else 0.0
+    passed = _finite(mean_kl) and mean_kl <= kl_threshold
+    return CheckResult(passed, mean_kl, kl_threshold, f"mean KL {mean_kl:.4g} (max over states {max_kl:.4g})")
+
+
+def advantage_finite_check(ctx: UpdateContext) -> CheckResult:
+    """Advantages, returns and values are all finite."""
+    bad = sum(int((~th.isfinite(t)).sum()) for t in (ctx.advantages, ctx.returns, ctx.values))
+    return CheckResult(bad == 0, float(bad), 0.0, f"{bad} non-finite advantages, returns or values")
+
+
+def returns_match_check(ctx: UpdateContext, tolerance: float) -> CheckResult:
+    """Returns equal advantages plus values (GAE's definition), to ``tolerance`` relative to their scale."""
+    scale = 1.0 + ctx.returns.abs().max().item() if ctx.returns.numel() else 1.0
+    error = (ctx.returns - (ctx.advantages + ctx.values)).abs().max().item() / scale if ctx.returns.numel() else 0.0
+    passed = _finite(error) and error <= tolerance
+    return CheckResult(passed, error, tolerance, f"max |returns - (advantages + values)| / scale = {error:.3g}")
+
+
+def advantage_normalization_check(ctx: UpdateContext, tolerance: float) -> CheckResult:
+    """Normalised advantages have mean within ``tolerance`` of 0 and standard deviation within it of 1."""
+    normalized = ctx.normalized_advantages
+    mean, std = normalized.mean().item(), normalized.std().item()
+    error = max(abs(mean), abs(std - 1.0))
+    passed = _finite(error) and error <= tolerance
+    return CheckResult(passed, error, tolerance, f"normalised advantages: mean {mean:.3g}, std {std:.3g}")
+
+
+def surrogate_check(ctx: UpdateContext, tolerance: float) -> CheckResult:
+    """The update did not lower its own surrogate: mean(ratio * A) - mean(A) >= -``tolerance``.
+
+    The message also reports the share of samples whose log-probability moved in the direction
+    of their advantage.
+    """
+    advantages = ctx.policy_advantages
+    log_ratio = ctx.new_log_prob - ctx.old_log_prob
+    gain = (th.exp(log_ratio) * advantages).mean().item() - advantages.mean().item()
+    aligned = advantage_alignment(ctx)
+    passed = _finite(gain) and gain >= -tolerance
+    return CheckResult(passed, gain, -tolerance, f"surrogate gain {gain:.4g}; {aligned:.1%} of samples moved with their advantage")
+
+
+def advantage_alignment(ctx: UpdateContext) -> float:
+    """Share of samples whose log-probability moved in the direction of their advantage."""
+    moved = (ctx.new_log_prob - ctx.old_log_prob) * ctx.policy_advantages
+    return (moved[moved != 0] > 0).float().mean().item() if (moved != 0).any() else float("nan")
+
+
+def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
+    """Every policy parameter and every new action log-probability is finite."""
+    bad = sum(int((~th.isfinite(p)).sum()) for p in ctx.parameters)
+    probabilities = ctx.probabilities("new")
+    bad_probs = int((~th.isfinite(probabilities)).sum()) if probabilities is not None else int((~th.isfinite(ctx.new_log_prob)).sum())
+    total = bad + bad_probs
+    return CheckResult(total == 0, float(total), 0.0, f"{bad} non-finite parameters, {bad_probs} non-finite probabilities")
+
+
+def entropy_check(ctx: UpdateContext, min_entropy: float) -> CheckResult:
+    """Mean entropy of the new policy is at least ``min_entropy`` (nats)."""
+    entropy = ctx.entropy.mean().item()
+    passed = _finite(entropy) and entropy >= min_entropy
+    return CheckResult(passed, entropy, min_entropy, f"mean policy entropy {entropy:.4g} nats")
+
+
+def forbidden_mass_check(ctx: UpdateContext, max_forbidden_prob: float) -> CheckResult:
+    """Mean probability of the forbidden tokens stays at most ``max_forbidden_prob``, or did not rise.
+
+    An update that lowers the mass always passes, so a policy that starts above the bound can
+    still be improved.
+    """
+    new = ctx.probabilities("new")
+    old = ctx.probabilities("old")
+    if new is None:
+        raise ValueError("forbidden_tokens: the forbidden-mass check needs a Discrete action space")
+    tokens = list(ctx.forbidden_tokens)
+    new_mass = new[:, tokens].sum(dim=1).mean().item()
+    old_mass = old[:, tokens].sum(dim=1).mean().item()
+    passed = _finite(new_mass) and (new_mass <= max_forbidden_prob or new_mass <= old_mass)
+    return CheckResult(passed, new_mass, max_forbidden_prob, f"forbidden mass {old_mass:.4g} -> {new_mass:.4g}")

@@ -1,0 +1,372 @@
+"""Verified PPO: every ``train()`` is checked, backtracked or rolled back.
+
+:class:`VerificationMixin` holds the mechanism (snapshot, verification, backtracking, rollback,
+report); :class:`VerifiedPPO` and :class:`VerifiedRecurrentPPO` put it on SB3's ``PPO`` and
+sb3-contrib's ``RecurrentPPO``. What is checked lives in :mod:`verl_sb3.checks`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from sb3_contrib import RecurrentPPO
+from stable_baselines3 import PPO
+from stable_baselines3.common.distributions import Distribution
+
+from verl_sb3 import checks as C
+from verl_sb3.checks import CheckResult, UpdateContext
+
+#: Defaults, measured on the default training run (see README, "Verification").
+DEFAULT_KL_THRESHOLD = 0.05
+DEFAULT_MIN_ENTROPY = 0.01
+DEFAULT_MAX_FORBIDDEN_PROB = 0.05
+DEFAULT_RETURNS_TOLERANCE = 1e-4
+DEFAULT_ADVANTAGE_TOLERANCE = 0.05
+DEFAULT_SURROGATE_TOLERANCE = 0.02
+DEFAULT_MAX_BACKTRACKS = 5
+DEFAULT_BACKTRACK_RATIO = 0.5
+
+_LOG_PREFIX = "train/"
+
+
+@dataclass
+class _Snapshot:
+    """Everything an update changes, as it was before the update; never saved with the model."""
+
+    policy: dict[str, th.Tensor]
+    optimizer: dict[str, Any]
+    n_updates: int
+    extra: dict[str, Any]
+    logged: tuple[dict, dict, dict]
+
+
+def _number(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> float:
+    """``value`` as a float in the given interval, or a ValueError naming ``name`` and the interval."""
+    interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
+        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
+    too_low = value <= low if open_low else value < low
+    too_high = value >= high if open_high else value > high
+    if too_low or too_high:
+        raise ValueError(f"{name}: expected a number in {interval}, got {value}")
+    return float(value)
+
+
+def _check_name(check: Callable) -> str:
+    return getattr(check, "name", None) or getattr(check, "__name__", None) or type(check).__name__
+
+
+class VerificationMixin:
+    """Verifies each PPO update on the rollout it was trained on; see :class:`VerifiedPPO`."""
+
+    #: Attributes that a rollback restores besides the policy, the optimizer and ``_n_updates``
+    #: (for controllers that ``train()`` updates). Subclasses extend it.
+    _rollback_attributes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        policy: Any,
+        env: Any,
+        *args: Any,
+        kl_threshold: float = DEFAULT_KL_THRESHOLD,
+        min_entropy: float | None = DEFAULT_MIN_ENTROPY,
+        forbidden_tokens: Sequence[int] | None = None,
+        max_forbidden_prob: float = DEFAULT_MAX_FORBIDDEN_PROB,
+        returns_tolerance: float = DEFAULT_RETURNS_TOLERANCE,
+        advantage_tolerance: float = DEFAULT_ADVANTAGE_TOLERANCE,
+        surrogate_tolerance: float = DEFAULT_SURROGATE_TOLERANCE,
+        max_backtracks: int = DEFAULT_MAX_BACKTRACKS,
+        backtrack_ratio: float = DEFAULT_BACKTRACK_RATIO,
+        checks: Sequence[Callable[[UpdateContext], CheckResult]] = (),
+        max_log_entries: int | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.kl_threshold = _number("kl_threshold", kl_threshold, 0.0, open_low=True)
+        self.min_entropy = None if min_entropy is None else _number("min_entropy", min_entropy, 0.0)
+        self.max_forbidden_prob = _number("max_forbidden_prob", max_forbidden_prob, 0.0, 1.0)
+        self.returns_tolerance = _number("returns_tolerance", returns_tolerance, 0.0)
+        self.advantage_tolerance = _number("advantage_tolerance", advantage_tolerance, 0.0)
+        self.surrogate_tolerance = _number("surrogate_tolerance", surrogate_tolerance, 0.0)
+        if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, (int, np.integer)) or max_backtracks < 0:
+            raise ValueError(f"max_backtracks: expected an integer >= 0, got {max_backtracks!r}")
+        self.max_backtracks = int(max_backtracks)
+        self.backtrack_ratio = _number("backtrack_ratio", backtrack_ratio, 0.0, 1.0, open_low=True, open_high=True)
+        bad_checks = [check for check in checks if not callable(check)]
+        if bad_checks:
+            raise ValueError(f"checks: expected callables taking an UpdateContext, got {bad_checks!r}")
+        self.checks = list(checks)
+        if max_log_entries is not None and (not isinstance(max_log_entries, (int, np.integer)) or max_log_entries < 1):
+            raise ValueError(f"max_log_entries: expected None or an integer >= 1, got {max_log_entries!r}")
+        self.max_log_entries = max_log_entries
+        self.verification_log: list[dict[str, Any]] = []
+        self._n_verified = 0
+        self._n_accepted_first_try = 0
+        super().__init__(policy, env, *args, **kwargs)
+        self.forbidden_tokens = self._resolve_forbidden_tokens(forbidden_tokens)
+
+    # ------------------------------------------------------------------ settings
+    def _resolve_forbidden_tokens(self, forbidden_tokens: Sequence[int] | None) -> tuple[int, ...]:
+        """The given tokens, or, when None, the environment's ``config.forbidden_tokens`` (TextGen-v0)."""
+        if forbidden_tokens is None:
+            try:
+                forbidden_tokens = self.env.get_attr("config")[0].forbidden_tokens if self.env is not None else ()
+            except (AttributeError, IndexError):
+                forbidden_tokens = ()
+        tokens = tuple(int(token) for token in forbidden_tokens)
+        if tokens:
+            if not isinstance(self.action_space, spaces.Discrete):
+                raise ValueError("forbidden_tokens: only supported for a Discrete action space")
+            bad = [t for t in tokens if not 0 <= t < self.action_space.n]
+            if bad:
+                raise ValueError(f"forbidden_tokens: ids must lie in [0, {self.action_space.n - 1}], got {bad}")
+        return tokens
+
+    @property
+    def verification_rate(self) -> float:
+        """Share of verified updates accepted at the full step (NaN before the first update)."""
+        return self._n_accepted_first_try / self._n_verified if self._n_verified else float("nan")
+
+    # ------------------------------------------------------------------ what is checked
+    def verify(self, ctx: UpdateContext) -> dict[str, CheckResult]:
+        """The results of every check on ``ctx``, by name; the update is accepted when all pass.
+
+        Override it to add checks (``results = super().verify(ctx); results["mine"] = ...``).
+        """
+        results = {
+            "kl": C.kl_check(ctx, self.kl_threshold),
+            "advantage_finite": C.advantage_finite_check(ctx),
+            "returns_match": C.returns_match_check(ctx, self.returns_tolerance),
+            "advantage_normalization": C.advantage_normalization_check(ctx, self.advantage_tolerance),
+            "surrogate": C.surrogate_check(ctx, self.surrogate_tolerance),
+            "finite_parameters": C.finite_parameters_check(ctx),
+        }
+        if self.min_entropy is not None:
+            results["entropy"] = C.entropy_check(ctx, self.min_entropy)
+        if self.forbidden_tokens:
+            results["forbidden_mass"] = C.forbidden_mass_check(ctx, self.max_forbidden_prob)
+        for check in self.checks:
+            result = check(ctx)
+            if not isinstance(result, CheckResult):
+                raise TypeError(f"checks: {_check_name(check)!r} returned {type(result).__name__}, expected a CheckResult")
+            results[_check_name(check)] = result
+        return results
+
+    # ------------------------------------------------------------------ the update
+    def train(self) -> None:
+        """PPO's update, then verification; a failing update is backtracked, else rolled back."""
+        batch = self._full_rollout_batch()
+        snapshot = self._take_snapshot()
+        self.policy.set_training_mode(False)
+        with th.no_grad():
+            old_distribution, _, _ = self._policy_on_batch(batch)
+        super().train()
+        try:
+            self._settle_update(batch, old_distribution, snapshot)
+        except BaseException:
+            self._restore(snapshot)
+            raise
+
+    def _settle_update(self, batch: Any, old_distribution: Distribution, snapshot: _Snapshot) -> None:
+        updated = {name: tensor.clone() for name, tensor in self.policy.state_dict().items()}
+        full_step = results = self.verify(self._update_context(batch, old_distribution))
+        backtracks, step_size = 0, 1.0
+        while not self._passed(results) and backtracks < self.max_backtracks:
+            backtracks += 1
+            step_size = self.backtrack_ratio**backtracks
+            self._interpolate(snapshot.policy, updated, step_size)
+            results = self.verify(self._update_context(batch, old_distribution))
+        accepted = self._passed(results)
+        if not accepted:
+            self._restore(snapshot)
+        self._report(full_step, results, accepted, backtracks, step_size)
+
+    @staticmethod
+    def _passed(results: dict[str, CheckResult]) -> bool:
+        return all(result.passed for result in results.values())
+
+    def _full_rollout_batch(self) -> Any:
+        """The whole rollout as one batch, without touching numpy's global random state."""
+        state = np.random.get_state()
+        try:
+            return next(self.rollout_buffer.get(batch_size=None))
+        finally:
+            np.random.set_state(state)
+
+    def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
+        """The policy's distribution on the batch, the log-probability of its actions, and the real-sample mask.
+
+        SB3 policies reuse one ``Distribution`` object: implementations return a copy of it.
+        """
+        raise NotImplementedError
+
+    def _batch_actions(self, batch: Any) -> th.Tensor:
+        if isinstance(self.action_space, spaces.Discrete):
+            return batch.actions.long().flatten()
+        return batch.actions
+
+    def _update_context(self, batch: Any, old_distribution: Distribution) -> UpdateContext:
+        with th.no_grad():
+            new_distribution, new_log_prob, mask = self._policy_on_batch(batch)
+            actions = self._batch_actions(batch)
+            return UpdateContext(
+                old_distribution=old_distribution,
+                new_distribution=new_distribution,
+                mask=mask,
+                actions=actions[mask],
+                advantages=batch.advantages[mask],
+                returns=batch.returns[mask],
+                values=batch.old_values[mask],
+                old_log_prob=old_distribution.log_prob(actions)[mask],
+                new_log_prob=new_log_prob[mask],
+                normalize_advantage=self.normalize_advantage,
+                parameters=[p.detach() for p in self.policy.parameters()],
+                forbidden_tokens=self.forbidden_tokens,
+            )
+
+    # ------------------------------------------------------------------ snapshot and rollback
+    def _take_snapshot(self) -> _Snapshot:
+        logger = self.logger
+        logged = tuple(
+            {k: v for k, v in table.items() if k.startswith(_LOG_PREFIX)}
+            for table in (logger.name_to_value, logger.name_to_count, logger.name_to_excluded)
+        )
+        return _Snapshot(
+            policy={name: tensor.clone() for name, tensor in self.policy.state_dict().items()},
+            optimizer=copy.deepcopy(self.policy.optimizer.state_dict()),
+            n_updates=self._n_updates,
+            extra={name: copy.deepcopy(getattr(self, name)) for name in self._rollback_attributes},
+            logged=logged,
+        )
+
+    def _restore(self, snapshot: _Snapshot) -> None:
+        """Put back, bit for bit, everything the update changed, including what it logged."""
+        self.policy.load_state_dict(snapshot.policy)
+        self.policy.optimizer.load_state_dict(snapshot.optimizer)
+        self._n_updates = snapshot.n_updates
+        for name, value in snapshot.extra.items():
+            setattr(self, name, value)
+        logger = self.logger
+        for table, saved in zip((logger.name_to_value, logger.name_to_count, logger.name_to_excluded), snapshot.logged):
+            for key in [k for k in table if k.startswith(_LOG_PREFIX)]:
+                del table[key]
+            table.update(saved)
+
+    def _interpolate(self, old: dict[str, th.Tensor], new: dict[str, th.Tensor], step_size: float) -> None:
+        """Set the policy's floating-point tensors to ``old + step_size * (new - old)``."""
+        with th.no_grad():
+            for name, tensor in self.policy.state_dict().items():
+                if tensor.is_floating_point():
+                    tensor.copy_(old[name] + step_size * (new[name] - old[name]))
+
+    # ------------------------------------------------------------------ report
+    def _report(
+        self,
+        full_step: dict[str, CheckResult],
+        final: dict[str, CheckResult],
+        accepted: bool,
+        backtracks: int,
+        step_size: float,
+    ) -> None:
+        failed = [f"{name}: {result.message} (threshold {result.threshold})" for name, result in full_step.items() if not result.passed]
+        if not failed:
+            reason = None
+        elif accepted:
+            reason = f"full step failed [{'; '.join(failed)}]; accepted at step size {step_size:g} after {backtracks} backtracks"
+        else:
+            reason = f"rolled back after {backtracks} backtracks: {'; '.join(failed)}"
+        entry = {
+            "update": self._n_verified,
+            "timesteps": int(self.num_timesteps),
+            "accepted": accepted,
+            "rolled_back": not accepted,
+            "backtracks": backtracks,
+            "step_size": step_size if accepted else 0.0,
+            "kl": full_step["kl"].value,
+            "kl_applied": final["kl"].value if accepted else 0.0,
+            "entropy": full_step["entropy"].value if "entropy" in full_step else float("nan"),
+            "checks": {name: result.as_dict() for name, result in full_step.items()},
+            "reason": reason,
+        }
+        self._n_verified += 1
+        self._n_accepted_first_try += int(accepted and backtracks == 0)
+        self.verification_log.append(entry)
+        if self.max_log_entries is not None and len(self.verification_log) > self.max_log_entries:
+            del self.verification_log[: len(self.verification_log) - self.max_log_entries]
+
+        record = self.logger.record
+        record("verl/accepted", float(accepted))
+        record("verl/rolled_back", float(not accepted))
+        record("verl/backtracks", backtracks)
+        record("verl/step_size", entry["step_size"])
+        record("verl/kl", entry["kl"])
+        record("verl/kl_applied", entry["kl_applied"])
+        record("verl/verification_rate", self.verification_rate)
+        record("verl/n_rolled_back", self._n_verified - sum(1 for e in self.verification_log if e["accepted"]) if self.max_log_entries is None else float("nan"))
+        for name, result in full_step.items():
+            record(f"verl/check_{name}", result.value)
+        if self.verbose >= 1 and reason:
+            print(f"verl: update {entry['update']}: {reason}")
+
+
+class VerifiedPPO(VerificationMixin, PPO):
+    """SB3's PPO whose every update is verified, backtracked when it fails, rolled back if still failing.
+
+    All of ``PPO``'s arguments and behaviour are kept; the verification arguments are keyword-only.
+
+    After each ``train()``, on every state of the rollout just used, the update must pass:
+
+    - ``kl``: exact mean KL(old || new) over the full action distribution <= ``kl_threshold``;
+    - ``advantage_finite``, ``returns_match`` (returns = advantages + values, to ``returns_tolerance``),
+      ``advantage_normalization`` (normalised advantages: mean 0 and std 1, to ``advantage_tolerance``),
+      ``surrogate`` (mean(ratio * A) - mean(A) >= -``surrogate_tolerance``);
+    - ``finite_parameters``, ``entropy`` (mean entropy >= ``min_entropy``), and, with
+      ``forbidden_tokens``, ``forbidden_mass`` (<= ``max_forbidden_prob``, or not higher than before);
+    - every user check in ``checks`` and whatever an override of :meth:`verify` adds.
+
+    A failing update is backtracked: parameters ``old + backtrack_ratio**k * (new - old)`` for
+    ``k = 1 .. max_backtracks``, the first passing one kept. If none passes, the policy, the
+    optimizer state, ``_n_updates``, the ``_rollback_attributes`` and the ``train/`` figures
+    logged by the update are restored exactly. Each update appends an entry to
+    ``verification_log``; ``verification_rate`` is the share accepted at the full step; the
+    figures also go to the logger under ``verl/``.
+
+    :param kl_threshold: largest accepted mean KL(old || new), > 0.
+    :param min_entropy: smallest accepted mean policy entropy in nats, >= 0, or None to skip the check.
+    :param forbidden_tokens: actions whose probability mass is bounded (Discrete actions); None takes
+        the environment's ``config.forbidden_tokens`` when it has one (TextGen-v0).
+    :param max_forbidden_prob: bound on the mean probability of the forbidden tokens, in [0, 1].
+    :param returns_tolerance: largest accepted |returns - (advantages + values)|, relative to the returns' scale.
+    :param advantage_tolerance: largest accepted deviation of normalised advantages from mean 0 / std 1.
+    :param surrogate_tolerance: largest accepted decrease of the surrogate objective.
+    :param max_backtracks: how many shorter steps to try before rolling back, >= 0.
+    :param backtrack_ratio: step shrink factor per backtrack, in (0, 1).
+    :param checks: extra checks: callables ``check(ctx: UpdateContext) -> CheckResult``.
+    :param max_log_entries: keep only the last entries of ``verification_log`` (None: keep all).
+    """
+
+    def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
+        distribution = copy.copy(self.policy.get_distribution(batch.observations))
+        log_prob = distribution.log_prob(self._batch_actions(batch))
+        return distribution, log_prob, th.ones_like(log_prob, dtype=th.bool)
+
+
+class VerifiedRecurrentPPO(VerificationMixin, RecurrentPPO):
+    """sb3-contrib's RecurrentPPO with the verification of :class:`VerifiedPPO`.
+
+    The update is verified on the rollout's sequences with their stored LSTM states, episode
+    starts and padding masks (padding is excluded from every figure). Accepts the policy
+    ``"SLMLstmPolicy"`` by name. Arguments: those of ``RecurrentPPO`` plus :class:`VerifiedPPO`'s.
+    """
+
+    def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
+        distribution, _ = self.policy.get_distribution(batch.observations, batch.lstm_states.pi, batch.episode_starts)
+        distribution = copy.copy(distribution)
+        log_prob = distribution.log_prob(self._batch_actions(batch))
+        return distribution, log_prob, batch.mask > 1e-8
