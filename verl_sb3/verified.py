@@ -141,9 +141,7 @@ class VerificationMixin:
         """
         results = {
             "kl": C.kl_check(ctx, self.kl_threshold),
-            "advantage_finite": C.advantage_finite_check(ctx),
-            "returns_match": C.returns_match_check(ctx, self.returns_tolerance),
-            "advantage_normalization": C.advantage_normalization_check(ctx, self.advantage_tolerance),
+            **self._rollout_checks(ctx),
             "surrogate": C.surrogate_check(ctx, self.surrogate_tolerance),
             "finite_parameters": C.finite_parameters_check(ctx),
         }
@@ -158,15 +156,32 @@ class VerificationMixin:
             results[_check_name(check)] = result
         return results
 
+    def _rollout_checks(self, ctx: UpdateContext) -> dict[str, CheckResult]:
+        """The checks of the rollout's advantages, returns and values (independent of the update)."""
+        return {
+            "advantage_finite": C.advantage_finite_check(ctx),
+            "returns_match": C.returns_match_check(ctx, self.returns_tolerance),
+            "advantage_normalization": C.advantage_normalization_check(ctx, self.advantage_tolerance),
+        }
+
     # ------------------------------------------------------------------ the update
     def train(self) -> None:
-        """PPO's update, then verification; a failing update is backtracked, else rolled back."""
+        """PPO's update, then verification; a failing update is backtracked, else rolled back.
+
+        An update that makes the parameters non-finite fails verification even when PPO's own
+        loop raised on them (torch refuses NaN logits): it is rolled back and training goes on.
+        """
         batch = self._full_rollout_batch()
         snapshot = self._take_snapshot()
         self.policy.set_training_mode(False)
         with th.no_grad():
             old_distribution, _, _ = self._policy_on_batch(batch)
-        super().train()
+        try:
+            super().train()
+        except (ValueError, RuntimeError):
+            if self._count_non_finite_parameters() == 0:
+                self._restore(snapshot)
+                raise
         try:
             self._settle_update(batch, old_distribution, snapshot)
         except BaseException:
@@ -175,17 +190,32 @@ class VerificationMixin:
 
     def _settle_update(self, batch: Any, old_distribution: Distribution, snapshot: _Snapshot) -> None:
         updated = {name: tensor.clone() for name, tensor in self.policy.state_dict().items()}
-        full_step = results = self.verify(self._update_context(batch, old_distribution))
+        full_step = results = self._verify_current(batch, old_distribution)
         backtracks, step_size = 0, 1.0
         while not self._passed(results) and backtracks < self.max_backtracks:
             backtracks += 1
             step_size = self.backtrack_ratio**backtracks
             self._interpolate(snapshot.policy, updated, step_size)
-            results = self.verify(self._update_context(batch, old_distribution))
+            results = self._verify_current(batch, old_distribution)
         accepted = self._passed(results)
         if not accepted:
             self._restore(snapshot)
         self._report(full_step, results, accepted, backtracks, step_size)
+
+    def _count_non_finite_parameters(self) -> int:
+        return sum(int((~th.isfinite(p)).sum()) for p in self.policy.parameters())
+
+    def _verify_current(self, batch: Any, old_distribution: Distribution) -> dict[str, CheckResult]:
+        """:meth:`verify` on the current parameters; with non-finite ones, only what can be said."""
+        bad = self._count_non_finite_parameters()
+        if bad:
+            message = f"{bad} non-finite parameters"
+            return {
+                "kl": CheckResult(False, math.nan, self.kl_threshold, f"not computed: {message}"),
+                **self._rollout_checks(self._update_context(batch, old_distribution, evaluate_new=False)),
+                "finite_parameters": CheckResult(False, float(bad), 0.0, message),
+            }
+        return self.verify(self._update_context(batch, old_distribution))
 
     @staticmethod
     def _passed(results: dict[str, CheckResult]) -> bool:
@@ -206,15 +236,24 @@ class VerificationMixin:
         """
         raise NotImplementedError
 
+    def _real_samples(self, batch: Any) -> th.Tensor:
+        """Boolean mask of the batch's real (not padding) samples."""
+        raise NotImplementedError
+
     def _batch_actions(self, batch: Any) -> th.Tensor:
         if isinstance(self.action_space, spaces.Discrete):
             return batch.actions.long().flatten()
         return batch.actions
 
-    def _update_context(self, batch: Any, old_distribution: Distribution) -> UpdateContext:
+    def _update_context(self, batch: Any, old_distribution: Distribution, evaluate_new: bool = True) -> UpdateContext:
+        """The update's context; with ``evaluate_new=False`` the new policy stands for the old one."""
         with th.no_grad():
-            new_distribution, new_log_prob, mask = self._policy_on_batch(batch)
             actions = self._batch_actions(batch)
+            if evaluate_new:
+                new_distribution, new_log_prob, mask = self._policy_on_batch(batch)
+            else:
+                new_distribution, new_log_prob = old_distribution, old_distribution.log_prob(actions)
+                mask = self._real_samples(batch)
             return UpdateContext(
                 old_distribution=old_distribution,
                 new_distribution=new_distribution,
@@ -354,7 +393,10 @@ class VerifiedPPO(VerificationMixin, PPO):
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
         distribution = copy.copy(self.policy.get_distribution(batch.observations))
         log_prob = distribution.log_prob(self._batch_actions(batch))
-        return distribution, log_prob, th.ones_like(log_prob, dtype=th.bool)
+        return distribution, log_prob, self._real_samples(batch)
+
+    def _real_samples(self, batch: Any) -> th.Tensor:
+        return th.ones(len(batch.advantages), dtype=th.bool, device=batch.advantages.device)
 
 
 class VerifiedRecurrentPPO(VerificationMixin, RecurrentPPO):
@@ -369,4 +411,7 @@ class VerifiedRecurrentPPO(VerificationMixin, RecurrentPPO):
         distribution, _ = self.policy.get_distribution(batch.observations, batch.lstm_states.pi, batch.episode_starts)
         distribution = copy.copy(distribution)
         log_prob = distribution.log_prob(self._batch_actions(batch))
-        return distribution, log_prob, batch.mask > 1e-8
+        return distribution, log_prob, self._real_samples(batch)
+
+    def _real_samples(self, batch: Any) -> th.Tensor:
+        return batch.mask > 1e-8

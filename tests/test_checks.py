@@ -1,0 +1,111 @@
+"""Each verification check, alone, on hand-made tensors: it passes on a healthy update and fails on its fault."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch as th
+from stable_baselines3.common.distributions import CategoricalDistribution
+
+from verl_sb3 import checks as C
+
+
+def categorical(logits) -> CategoricalDistribution:
+    logits = th.as_tensor(logits, dtype=th.float32)
+    return CategoricalDistribution(logits.shape[-1]).proba_distribution(logits)
+
+
+def context(old_logits, new_logits, advantages=None, returns=None, values=None, actions=None, **kwargs):
+    old, new = categorical(old_logits), categorical(new_logits)
+    n = old.distribution.logits.shape[0]
+    actions = th.zeros(n, dtype=th.long) if actions is None else th.as_tensor(actions)
+    advantages = th.linspace(-1, 1, n) if advantages is None else th.as_tensor(advantages, dtype=th.float32)
+    values = th.zeros(n) if values is None else th.as_tensor(values, dtype=th.float32)
+    returns = advantages + values if returns is None else th.as_tensor(returns, dtype=th.float32)
+    defaults = dict(normalize_advantage=True, parameters=[th.ones(3)], forbidden_tokens=())
+    defaults.update(kwargs)
+    return C.UpdateContext(
+        old_distribution=old, new_distribution=new, mask=th.ones(n, dtype=th.bool), actions=actions,
+        advantages=advantages, returns=returns, values=values,
+        old_log_prob=old.log_prob(actions), new_log_prob=new.log_prob(actions), **defaults,
+    )
+
+
+UNIFORM = th.zeros(4, 3)
+
+
+def test_kl_is_exact_over_the_full_distribution():
+    new = th.tensor([[1.0, 0.0, 0.0]] * 4)
+    ctx = context(UNIFORM, new)
+    p = th.full((3,), 1 / 3)
+    q = th.softmax(new[0], 0)
+    by_hand = float((p * (p.log() - q.log())).sum())
+    result = C.kl_check(ctx, kl_threshold=1.0)
+    assert result.value == pytest.approx(by_hand, rel=1e-6) and result.passed
+    assert not C.kl_check(ctx, kl_threshold=by_hand / 2).passed
+    assert C.kl_check(context(UNIFORM, UNIFORM), 1e-9).value == 0.0
+
+
+def test_kl_reports_the_maximum_over_states():
+    new = th.zeros(4, 3)
+    new[2] = th.tensor([5.0, 0.0, 0.0])
+    result = C.kl_check(context(UNIFORM, new), 1.0)
+    per_state = context(UNIFORM, new).kl
+    assert per_state[0] == 0.0 and per_state[2] > 0
+    assert f"max over states {per_state.max().item():.4g}" in result.message
+
+
+def test_nan_advantage_fails_advantage_finite():
+    assert C.advantage_finite_check(context(UNIFORM, UNIFORM)).passed
+    result = C.advantage_finite_check(context(UNIFORM, UNIFORM, advantages=[0.5, math.nan, -0.5, 1.0], returns=[0.0] * 4))
+    assert not result.passed and result.value == 1.0  # one NaN advantage; returns and values are finite
+    assert "non-finite" in result.message
+
+
+def test_returns_that_do_not_match_fail():
+    good = context(UNIFORM, UNIFORM, values=[1.0, 2.0, 3.0, 4.0])
+    assert C.returns_match_check(good, 1e-5).passed
+    bad = context(UNIFORM, UNIFORM, advantages=[0.1, 0.2, 0.3, 0.4], values=[1.0, 2.0, 3.0, 4.0], returns=[1.1, 2.2, 3.3, 9.0])
+    result = C.returns_match_check(bad, 1e-5)
+    assert not result.passed and result.value == pytest.approx(4.6 / 10.0)
+
+
+def test_constant_advantages_fail_normalization():
+    assert C.advantage_normalization_check(context(UNIFORM, UNIFORM), 0.05).passed
+    result = C.advantage_normalization_check(context(UNIFORM, UNIFORM, advantages=[0.3] * 4), 0.05)
+    assert not result.passed and result.value == pytest.approx(1.0)
+
+
+def test_surrogate_decrease_fails_and_alignment_is_reported():
+    advantages = [1.0, 1.0, -1.0, -1.0]
+    toward = th.tensor([[1.0, 0, 0], [1.0, 0, 0], [-1.0, 0, 0], [-1.0, 0, 0]])  # action 0 up where A > 0
+    ctx = context(UNIFORM, toward, advantages=advantages)
+    assert C.surrogate_check(ctx, 0.0).passed and C.advantage_alignment(ctx) == 1.0
+    against = context(UNIFORM, -toward, advantages=advantages)
+    result = C.surrogate_check(against, 0.01)
+    assert not result.passed and result.value < -0.01
+    assert C.advantage_alignment(against) == 0.0 and "0.0% of samples moved with their advantage" in result.message
+
+
+def test_non_finite_parameters_fail():
+    assert C.finite_parameters_check(context(UNIFORM, UNIFORM)).passed
+    result = C.finite_parameters_check(context(UNIFORM, UNIFORM, parameters=[th.tensor([1.0, math.inf, math.nan])]))
+    assert not result.passed and result.value == 2.0
+
+
+def test_entropy_collapse_fails():
+    assert C.entropy_check(context(UNIFORM, UNIFORM), 1.0).value == pytest.approx(math.log(3))
+    collapsed = context(UNIFORM, th.tensor([[20.0, 0.0, 0.0]] * 4))
+    result = C.entropy_check(collapsed, 0.01)
+    assert not result.passed and result.value < 0.01
+
+
+def test_forbidden_mass_raised_above_the_bound_fails():
+    raised = th.tensor([[0.0, 0.0, 3.0]] * 4)
+    ctx = context(UNIFORM, raised, forbidden_tokens=(2,))
+    result = C.forbidden_mass_check(ctx, 0.5)
+    assert not result.passed and result.value == pytest.approx(float(th.softmax(raised[0], 0)[2]))
+    lowered = context(UNIFORM, -raised, forbidden_tokens=(2,))
+    assert C.forbidden_mass_check(lowered, 0.05).passed  # above the bound but lower than before
+    assert C.forbidden_mass_check(context(UNIFORM, UNIFORM, forbidden_tokens=(2,)), 0.5).passed

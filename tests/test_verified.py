@@ -1,0 +1,266 @@
+"""Verified PPO: rollback, backtracking, checks, reporting and save/load."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3 import PPO
+from stable_baselines3.common.logger import configure
+
+from textenv_gym.sb3_vec_env import make_textgen_vec_env
+from verl_sb3 import CheckResult, VerifiedPPO, VerifiedRecurrentPPO
+
+PERMISSIVE = dict(kl_threshold=1e9, min_entropy=0.0, surrogate_tolerance=1e9, advantage_tolerance=1e9)
+SMALL_PPO = dict(n_steps=64, batch_size=64, n_epochs=2, learning_rate=3e-3, policy_kwargs=dict(net_arch=[32]), seed=0)
+SMALL_RECURRENT = dict(
+    n_steps=32, batch_size=64, n_epochs=2, learning_rate=3e-3, seed=0,
+    policy_kwargs=dict(net_arch=[], lstm_hidden_size=16, n_lstm_layers=1),
+)
+
+
+def textgen(num_envs: int = 2, **kwargs):
+    return make_textgen_vec_env(num_envs, seed=0, vocab_size=8, max_length=6, **kwargs)
+
+
+def optimizer_state(model) -> dict:
+    return copy.deepcopy(model.policy.optimizer.state_dict())
+
+
+def assert_same_tensors(a, b) -> None:
+    """Recursively equal, tensors bit for bit."""
+    if isinstance(a, th.Tensor):
+        assert isinstance(b, th.Tensor) and a.dtype == b.dtype and th.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_same_tensors(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_same_tensors(x, y)
+    else:
+        assert a == b
+
+
+def probing(cls):
+    """A subclass that records the state before and after the parent's (unverified) update."""
+
+    class Probe(cls):
+        def train(self):
+            self.before = (copy.deepcopy(self.policy.state_dict()), optimizer_state(self), self._n_updates)
+            super().train()
+
+    Probe.__name__ = f"Probe{cls.__name__}"
+    return Probe
+
+
+@pytest.mark.parametrize(
+    "cls, policy, make_env, kwargs",
+    [
+        (VerifiedPPO, "MlpPolicy", lambda: "CartPole-v1", SMALL_PPO),
+        (VerifiedRecurrentPPO, "MlpLstmPolicy", textgen, SMALL_RECURRENT),
+    ],
+)
+def test_forced_failure_restores_parameters_and_optimizer_exactly(cls, policy, make_env, kwargs):
+    model = probing(cls)(policy, make_env(), kl_threshold=1e-12, max_backtracks=0, **kwargs)
+    model.learn(3 * kwargs["n_steps"] * model.n_envs)  # three updates, all rejected
+    params_before, optimizer_before, n_updates_before = model.before
+    assert_same_tensors(dict(model.policy.state_dict()), params_before)
+    assert_same_tensors(optimizer_state(model), optimizer_before)
+    assert model._n_updates == n_updates_before == 0
+    assert len(model.verification_log) == 3
+    for entry in model.verification_log:
+        assert entry["rolled_back"] and not entry["accepted"]
+        assert entry["kl"] > 1e-12  # the update had really moved the policy
+        assert entry["reason"].startswith("rolled back after 0 backtracks: kl:")
+    assert model.verification_rate == 0.0
+    assert not [key for key in model.logger.name_to_value if key.startswith("train/")]
+
+
+def test_rollback_after_accepted_updates_restores_the_adam_state_of_the_last_accepted_one():
+    class FailThird(probing(VerifiedPPO)):
+        def verify(self, ctx):
+            results = super().verify(ctx)
+            results["third_fails"] = CheckResult(self._n_verified != 2, float(self._n_verified), 2.0, "third update vetoed")
+            return results
+
+    model = FailThird("MlpPolicy", "CartPole-v1", max_backtracks=1, **SMALL_PPO)
+    model.learn(3 * 64)
+    params_before, optimizer_before, n_updates_before = model.before
+    assert [entry["accepted"] for entry in model.verification_log] == [True, True, False]
+    assert optimizer_before["state"][0]["step"].item() > 0  # Adam had moments and steps to restore
+    assert_same_tensors(dict(model.policy.state_dict()), params_before)
+    assert_same_tensors(optimizer_state(model), optimizer_before)
+    assert model._n_updates == n_updates_before == 4
+    assert "third_fails: third update vetoed" in model.verification_log[-1]["reason"]
+
+
+def test_permissive_thresholds_accept_and_match_the_parent_bit_for_bit():
+    verified = VerifiedPPO("MlpPolicy", "CartPole-v1", **PERMISSIVE, **SMALL_PPO)
+    verified.learn(4 * 64)
+    parent = PPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    parent.learn(4 * 64)
+    assert [entry["accepted"] and entry["backtracks"] == 0 for entry in verified.verification_log] == [True] * 4
+    assert verified.verification_rate == 1.0
+    assert_same_tensors(dict(verified.policy.state_dict()), dict(parent.policy.state_dict()))
+
+
+def test_backtracking_keeps_the_first_shorter_step_that_passes():
+    free = probing(VerifiedPPO)("MlpPolicy", "CartPole-v1", **PERMISSIVE, **SMALL_PPO)
+    free.learn(64)
+    full_kl = free.verification_log[0]["kl"]
+    full_step = dict(free.policy.state_dict())
+
+    threshold = full_kl / 5
+    model = probing(VerifiedPPO)(
+        "MlpPolicy", "CartPole-v1", kl_threshold=threshold, max_backtracks=8, backtrack_ratio=0.5, **SMALL_PPO
+    )
+    model.learn(64)
+    entry = model.verification_log[0]
+    assert entry["kl"] == pytest.approx(full_kl)  # the same full step, seen by both
+    assert entry["accepted"] and not entry["rolled_back"] and entry["backtracks"] >= 1
+    assert entry["kl_applied"] <= threshold
+    assert "full step failed" in entry["reason"]
+    # The kept parameters are old + r^k (new - old), with the smallest k that passes.
+    old = model.before[0]
+    step = entry["step_size"]
+    assert step == 0.5 ** entry["backtracks"]
+    for name, tensor in model.policy.state_dict().items():
+        expected = old[name] + step * (full_step[name] - old[name])
+        assert th.allclose(tensor, expected, atol=1e-7), name
+    assert model.verification_rate == 0.0  # accepted, but not at the full step
+
+
+def test_nan_advantages_are_caught_and_rolled_back_through_training():
+    class NaNAdvantages(VerifiedPPO):
+        def train(self):
+            self.rollout_buffer.advantages[0, 0] = np.nan
+            super().train()
+
+    model = NaNAdvantages("MlpPolicy", "CartPole-v1", max_backtracks=2, **SMALL_PPO)
+    initial = copy.deepcopy(model.policy.state_dict())
+    model.learn(2 * 64)
+    for entry in model.verification_log:
+        assert entry["rolled_back"]
+        assert not entry["checks"]["advantage_finite"]["passed"]
+    assert_same_tensors(dict(model.policy.state_dict()), initial)
+    assert all(th.isfinite(p).all() for p in model.policy.parameters())
+
+
+def test_user_check_and_subclass_check_veto_updates():
+    calls = []
+
+    def always_fails(ctx):
+        calls.append(ctx.new_log_prob.shape)
+        return CheckResult(False, 1.0, 0.0, "vetoed by the user")
+
+    model = VerifiedPPO("MlpPolicy", "CartPole-v1", checks=[always_fails], max_backtracks=1, **SMALL_PPO)
+    model.learn(64)
+    entry = model.verification_log[0]
+    assert entry["rolled_back"] and entry["backtracks"] == 1 and len(calls) == 2
+    assert entry["checks"]["always_fails"] == {"passed": False, "value": 1.0, "threshold": 0.0, "message": "vetoed by the user"}
+
+    def wrong_type(ctx):
+        return True
+
+    model = VerifiedPPO("MlpPolicy", "CartPole-v1", checks=[wrong_type], **SMALL_PPO)
+    initial = copy.deepcopy(model.policy.state_dict())
+    with pytest.raises(TypeError, match="'wrong_type' returned bool, expected a CheckResult"):
+        model.learn(64)
+    assert_same_tensors(dict(model.policy.state_dict()), initial)  # an error in a check applies nothing
+
+
+def test_forbidden_tokens_default_to_the_environment_and_bound_the_mass():
+    model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(forbidden_tokens=[1, 2]), **SMALL_RECURRENT)
+    assert model.forbidden_tokens == (1, 2)
+    model.learn(64)
+    check = model.verification_log[0]["checks"]["forbidden_mass"]
+    assert 0.0 < check["value"] < 1.0 and check["threshold"] == 0.05
+
+    strict = VerifiedRecurrentPPO(
+        "MlpLstmPolicy", textgen(), forbidden_tokens=[3], max_forbidden_prob=0.0, **SMALL_RECURRENT
+    )
+    strict.learn(64)
+    entry = strict.verification_log[0]
+    # Uniform start: mass 1/8 > 0; the update passes only if it did not raise the mass.
+    assert entry["checks"]["forbidden_mass"]["passed"] == (
+        entry["checks"]["forbidden_mass"]["value"] <= 1 / 8 + 1e-6 or entry["checks"]["forbidden_mass"]["value"] == 0.0
+    )
+
+
+def test_verification_figures_reach_the_logger(tmp_path):
+    model = VerifiedPPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    model.learn(3 * 64, log_interval=1)
+    with open(tmp_path / "progress.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"verl/kl", "verl/accepted", "verl/verification_rate", "verl/check_entropy", "train/approx_kl"} <= rows[-1].keys()
+    # SB3 dumps before each train(): the figures of update k appear in the dump of iteration k + 1.
+    kls = [float(row["verl/kl"]) for row in rows if row["verl/kl"]]
+    assert len(kls) == 2 and kls == pytest.approx([entry["kl"] for entry in model.verification_log[:2]])
+
+
+def test_save_and_load_keep_settings_and_log(tmp_path):
+    class Strict(VerifiedPPO):
+        def verify(self, ctx):
+            results = super().verify(ctx)
+            results["never"] = CheckResult(False, 0.0, None, "subclass veto")
+            return results
+
+    model = Strict("MlpPolicy", "CartPole-v1", kl_threshold=0.123, max_backtracks=1, **SMALL_PPO)
+    model.learn(2 * 64)
+    model.save(tmp_path / "model.zip")
+    loaded = Strict.load(tmp_path / "model.zip", env=gym.make("CartPole-v1"))
+    assert type(loaded) is Strict
+    assert loaded.kl_threshold == 0.123 and loaded.max_backtracks == 1
+    assert loaded.verification_log == model.verification_log
+    assert loaded.verification_rate == model.verification_rate == 0.0
+    assert not any(isinstance(value, dict) and "optimizer" in value for value in vars(loaded).values())
+    loaded.learn(64, reset_num_timesteps=False)
+    assert len(loaded.verification_log) == 3 and loaded.verification_log[-1]["reason"].endswith("subclass veto (threshold None)")
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(kl_threshold=-1.0), "kl_threshold"),
+        (dict(kl_threshold=0.0), "kl_threshold"),
+        (dict(kl_threshold=float("nan")), "kl_threshold"),
+        (dict(min_entropy=-0.1), "min_entropy"),
+        (dict(max_forbidden_prob=1.5), "max_forbidden_prob"),
+        (dict(surrogate_tolerance=-1e-3), "surrogate_tolerance"),
+        (dict(returns_tolerance=-1.0), "returns_tolerance"),
+        (dict(advantage_tolerance="a"), "advantage_tolerance"),
+        (dict(max_backtracks=-1), "max_backtracks"),
+        (dict(max_backtracks=1.5), "max_backtracks"),
+        (dict(backtrack_ratio=1.0), "backtrack_ratio"),
+        (dict(backtrack_ratio=0.0), "backtrack_ratio"),
+        (dict(checks=[42]), "checks"),
+        (dict(forbidden_tokens=[2]), "forbidden_tokens"),  # CartPole has 2 actions: ids 0, 1
+        (dict(max_log_entries=0), "max_log_entries"),
+    ],
+)
+def test_invalid_settings_name_the_argument(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        VerifiedPPO("MlpPolicy", "CartPole-v1", **kwargs)
+
+
+def test_max_log_entries_bounds_the_log_but_not_the_rate():
+    model = VerifiedPPO("MlpPolicy", "CartPole-v1", max_log_entries=2, **SMALL_PPO)
+    model.learn(4 * 64)
+    assert [entry["update"] for entry in model.verification_log] == [2, 3]
+    assert model._n_verified == 4 and not math.isnan(model.verification_rate)
+
+
+def test_verified_ppo_learns_cartpole():
+    model = VerifiedPPO("MlpPolicy", "CartPole-v1", n_steps=512, batch_size=64, seed=1)
+    model.learn(12_000)
+    returns = [info["r"] for info in model.ep_info_buffer]
+    assert np.mean(returns) > 60  # a random policy averages about 22
+    assert model.verification_rate >= 0.9
