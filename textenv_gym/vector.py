@@ -52,6 +52,8 @@ def step_info(outcome: StepOutcome, rows: np.ndarray, num_envs: int, batch: Sequ
     info = reset_info(batch)
     info["repeated"][rows] = outcome.repeated
     info["forbidden"][rows] = outcome.forbidden
+    if not len(rows):  # every environment was autoreset: no reward_components at all, as SyncVectorEnv
+        return info
     components = {}
     for name, value in outcome.components.items():
         components[name] = np.zeros(num_envs)
