@@ -128,32 +128,77 @@ class TokenIdsExtractor(BaseFeaturesExtractor):
         return features_to_token_ids(observations, self.vocab_size, self.max_length).float()
 
 
+def set_forget_bias(lstm: nn.LSTM, value: float) -> None:
+    """Start every layer's forget gate at ``sigmoid(value)``: the gate's input bias is ``value``,
+    its hidden bias 0 (PyTorch orders the gates input, forget, cell, output)."""
+    hidden = lstm.hidden_size
+    with th.no_grad():
+        for layer in range(lstm.num_layers):
+            getattr(lstm, f"bias_ih_l{layer}")[hidden : 2 * hidden].fill_(value)
+            getattr(lstm, f"bias_hh_l{layer}")[hidden : 2 * hidden].zero_()
+
+
+class TiedOutput(nn.Module):
+    """Logits from tied embeddings: ``logits = proj(h) @ E[:V].T + b`` (Press & Wolf, 2017).
+
+    The output layer shares the token embedding ``E`` of the input, so whatever the model learns
+    about one token's embedding (such as "this token was already used") carries over to its
+    logit, for every token at once.
+
+    :param latent_dim: size of the policy latent ``h``.
+    :param embedding: the input token embedding (rows ``0 .. V-1`` are the tokens).
+    :param vocab_size: ``V``.
+    :param ortho_init: initialise ``proj`` orthogonally with gain 0.01 (near-uniform first policy).
+    """
+
+    def __init__(self, latent_dim: int, embedding: nn.Embedding, vocab_size: int, ortho_init: bool = True) -> None:
+        super().__init__()
+        self.embedding = embedding
+        self.vocab_size = vocab_size
+        self.in_features, self.out_features = latent_dim, vocab_size
+        self.proj = nn.Linear(latent_dim, embedding.embedding_dim)
+        self.bias = nn.Parameter(th.zeros(vocab_size))
+        if ortho_init:
+            nn.init.orthogonal_(self.proj.weight, gain=0.01)
+            nn.init.zeros_(self.proj.bias)
+
+    def forward(self, latent: th.Tensor) -> th.Tensor:
+        return self.proj(latent) @ self.embedding.weight[: self.vocab_size].T + self.bias
+
+
 class BagOfTokensCritic(nn.Module):
     """Feed-forward critic used when the critic has no LSTM (``enable_critic_lstm=False, shared_lstm=False``).
 
-    Mean of the embeddings of ``[BOS, s_0, ..., s_{n-1}]``, then a linear layer to ``lstm_hidden_size``
-    (the input size of the critic's MLP / value head).
+    The bag of tokens of the observed sequence (how often each token occurs, divided by ``L``,
+    and the sequence length over ``L``) through an MLP with one tanh hidden layer. Unlike a
+    linear map of the mean embedding, it can count distinct tokens, which is what the value of a
+    TextGen-v0 state depends on. The actor stays a language model; only the value estimate
+    reads the sequence as a bag.
 
-    :param vocab_size: ``V``; ids ``V`` (padding) and ``V + 1`` (BOS) are reserved.
+    :param vocab_size: ``V``; id ``V`` is padding.
     :param max_length: ``L``.
-    :param embedding_dim: size of the token embeddings.
+    :param hidden_dim: width of the hidden layer.
     :param output_dim: output size (the LSTM hidden size of the policy).
     """
 
-    def __init__(self, vocab_size: int, max_length: int, embedding_dim: int, output_dim: int) -> None:
+    def __init__(self, vocab_size: int, max_length: int, hidden_dim: int, output_dim: int) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.max_length = max_length
-        self.embedding = nn.Embedding(vocab_size + 2, embedding_dim, padding_idx=vocab_size)
-        self.linear = nn.Linear(embedding_dim, output_dim)
+        self.net = nn.Sequential(nn.Linear(vocab_size + 1, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, output_dim))
+
+    def bag_of_tokens(self, features: th.Tensor) -> th.Tensor:
+        """Token counts and the length, each over ``L``: shape ``(batch, V + 1)``."""
+        tokens = features_to_token_ids(features, self.vocab_size, self.max_length)
+        valid = (tokens != self.vocab_size).long().cumprod(dim=1)  # the sequence ends at the first padding
+        tokens = th.where(valid.bool(), tokens, th.full_like(tokens, self.vocab_size))
+        counts = th.zeros(tokens.shape[0], self.vocab_size + 1, device=tokens.device)
+        counts.scatter_add_(1, tokens, th.ones_like(tokens, dtype=counts.dtype))
+        counts[:, self.vocab_size] = valid.sum(dim=1)
+        return counts / self.max_length
 
     def forward(self, features: th.Tensor) -> th.Tensor:
-        tokens = features_to_token_ids(features, self.vocab_size, self.max_length)
-        valid = (tokens != self.vocab_size).long().cumprod(dim=1)
-        # padding rows of the embedding are zero, so summing over the padded sequence is safe
-        tokens = th.where(valid.bool(), tokens, th.full_like(tokens, self.vocab_size))
-        summed = self.embedding(tokens).sum(dim=1) + self.embedding.weight[self.vocab_size + 1]
-        return self.linear(summed / (valid.sum(dim=1, keepdim=True) + 1).to(summed.dtype))
+        return self.net(self.bag_of_tokens(features))
 
 
 class SLMLstmPolicy(RecurrentActorCriticPolicy):
@@ -234,6 +279,11 @@ class SLMLstmPolicy(RecurrentActorCriticPolicy):
         buffer and state handling and raise a ValueError.
     :param embedding_dim: Size of the token embeddings, the LSTM input size (default 64: half the
         hidden size, plenty for small vocabularies, cheap).
+    :param tie_embeddings: Compute the logits with the input token embedding (:class:`TiedOutput`,
+        default True) instead of an independent linear layer.
+    :param lstm_forget_bias: Initial bias of the LSTMs' forget gates (default 1.0, as recommended by
+        Jozefowicz et al., 2015; PyTorch's default starts near 0, which makes the memory of earlier
+        tokens fade within a few steps).
     """
 
     def __init__(
@@ -261,6 +311,8 @@ class SLMLstmPolicy(RecurrentActorCriticPolicy):
         enable_critic_lstm: bool = True,
         lstm_kwargs: dict[str, Any] | None = None,
         embedding_dim: int = 64,
+        lstm_forget_bias: float = 1.0,
+        tie_embeddings: bool = True,
     ):
         vocab_size, max_length = token_space_sizes(observation_space, action_space)
         if use_sde:
@@ -326,9 +378,17 @@ class SLMLstmPolicy(RecurrentActorCriticPolicy):
                 self.embedding_dim, self.lstm_hidden_size, num_layers=self.n_lstm_layers, **self.lstm_kwargs
             )
         if self.critic is not None:
-            self.critic = BagOfTokensCritic(vocab_size, max_length, self.embedding_dim, self.lstm_hidden_size)
+            self.critic = BagOfTokensCritic(vocab_size, max_length, self.lstm_hidden_size, self.lstm_hidden_size)
 
         # Setup optimizer again, now that all parameters exist
+        self.tie_embeddings = bool(tie_embeddings)
+        if self.tie_embeddings:
+            self.action_net = TiedOutput(self.action_net.in_features, self.embedding, vocab_size, ortho_init)
+        self.lstm_forget_bias = float(lstm_forget_bias)
+        for lstm in (self.lstm_actor, self.lstm_critic):
+            if lstm is not None:
+                set_forget_bias(lstm, self.lstm_forget_bias)
+
         self.optimizer = self.optimizer_class(self.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
 
     def _build_mlp_extractor(self) -> None:
@@ -348,6 +408,8 @@ class SLMLstmPolicy(RecurrentActorCriticPolicy):
                 enable_critic_lstm=self.enable_critic_lstm,
                 lstm_kwargs=self.lstm_kwargs,
                 embedding_dim=self.embedding_dim,
+                lstm_forget_bias=self.lstm_forget_bias,
+                tie_embeddings=self.tie_embeddings,
             )
         )
         return data
@@ -392,16 +454,16 @@ class SLMLstmPolicy(RecurrentActorCriticPolicy):
         starts = (episode_starts.reshape(n_seq, seq_len) > 0.5).to(device)
         # number of tokens: the left-aligned prefix without padding
         lengths = (tokens != self.pad_id).long().cumprod(dim=1).sum(dim=1)  # (batch,)
+        # last token s_{n-1}, or BOS for an empty sequence (so it is also the single token fed at an
+        # episode start without prompt)
         last = tokens.gather(1, (lengths - 1).clamp(min=0).unsqueeze(1)).squeeze(1)
         last = th.where(lengths > 0, last, th.full_like(last, self.bos_id))
         starts_flat = starts.reshape(-1)
-        step_token = th.where(starts_flat, th.full_like(last, self.bos_id), last)  # (batch,)
-
         prompted_start = starts_flat & (lengths > 0)
         if not bool(starts[:, 1:].any()) and not bool(prompted_start.any()):
             # Fast path: one token per step, resets only at the first step of sequences.
             keep = (~starts[:, 0]).to(hidden.dtype).view(1, n_seq, 1)
-            inputs = embedding(step_token.view(n_seq, seq_len).transpose(0, 1))  # (seq_len, n_seq, emb)
+            inputs = embedding(last.view(n_seq, seq_len).transpose(0, 1))  # (seq_len, n_seq, emb)
             output, (h_n, c_n) = lstm(inputs, (hidden * keep, cell * keep))
             return output.transpose(0, 1).reshape(batch_size, -1), (h_n, c_n)
 
@@ -426,7 +488,7 @@ class SLMLstmPolicy(RecurrentActorCriticPolicy):
         token_value = th.where(
             starts_flat[token_step],
             th.where(within == 0, th.full_like(prompt_token, self.bos_id), prompt_token),
-            step_token[token_step],
+            last[token_step],
         )
         grid = th.full((int(seg_len.max()), n_seg), self.pad_id, dtype=th.long, device=device)
         grid[offset[token_step] + within, seg_id[token_step]] = token_value

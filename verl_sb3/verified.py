@@ -22,6 +22,7 @@ from stable_baselines3.common.distributions import Distribution
 
 from verl_sb3 import checks as C
 from verl_sb3.checks import CheckResult, UpdateContext
+from verl_sb3.policies import SLMLstmPolicy
 
 #: Defaults, measured on the default training run (see README, "Verification").
 DEFAULT_KL_THRESHOLD = 0.05
@@ -32,6 +33,8 @@ DEFAULT_ADVANTAGE_TOLERANCE = 0.05
 DEFAULT_SURROGATE_TOLERANCE = 0.02
 DEFAULT_MAX_BACKTRACKS = 5
 DEFAULT_BACKTRACK_RATIO = 0.5
+DEFAULT_ENTROPY_COEF_RATE = 0.5
+ENTROPY_COEF_BOUNDS = (1e-5, 1.0)
 
 _LOG_PREFIX = "train/"
 
@@ -86,6 +89,8 @@ class VerificationMixin:
         backtrack_ratio: float = DEFAULT_BACKTRACK_RATIO,
         checks: Sequence[Callable[[UpdateContext], CheckResult]] = (),
         max_log_entries: int | None = None,
+        target_entropy: float | None = None,
+        entropy_coef_rate: float = DEFAULT_ENTROPY_COEF_RATE,
         **kwargs: Any,
     ) -> None:
         self.kl_threshold = _number("kl_threshold", kl_threshold, 0.0, open_low=True)
@@ -105,6 +110,10 @@ class VerificationMixin:
         if max_log_entries is not None and (not isinstance(max_log_entries, (int, np.integer)) or max_log_entries < 1):
             raise ValueError(f"max_log_entries: expected None or an integer >= 1, got {max_log_entries!r}")
         self.max_log_entries = max_log_entries
+        self.target_entropy = None if target_entropy is None else _number("target_entropy", target_entropy, 0.0)
+        if self.target_entropy is not None and self.min_entropy is None:
+            raise ValueError("target_entropy: needs the entropy check; pass min_entropy (e.g. 0.0) instead of None")
+        self.entropy_coef_rate = _number("entropy_coef_rate", entropy_coef_rate, 0.0, open_low=True)
         self.verification_log: list[dict[str, Any]] = []
         self._n_verified = 0
         self._n_accepted_first_try = 0
@@ -201,6 +210,20 @@ class VerificationMixin:
         if not accepted:
             self._restore(snapshot)
         self._report(full_step, results, accepted, backtracks, step_size)
+        if accepted:
+            self._adapt_entropy_coefficient(results["entropy"].value if "entropy" in results else math.nan)
+
+    def _adapt_entropy_coefficient(self, entropy: float) -> None:
+        """With ``target_entropy``: ``ent_coef *= exp(entropy_coef_rate * (target - entropy))``.
+
+        The coefficient grows while the policy's entropy is below the target and shrinks above it
+        (as SAC tunes its temperature), kept within ``ENTROPY_COEF_BOUNDS``.
+        """
+        if self.target_entropy is None or not math.isfinite(entropy):
+            return
+        low, high = ENTROPY_COEF_BOUNDS
+        self.ent_coef = float(min(high, max(low, self.ent_coef * math.exp(self.entropy_coef_rate * (self.target_entropy - entropy)))))
+        self.logger.record("verl/ent_coef", self.ent_coef)
 
     def _count_non_finite_parameters(self) -> int:
         return sum(int((~th.isfinite(p)).sum()) for p in self.policy.parameters())
@@ -388,6 +411,10 @@ class VerifiedPPO(VerificationMixin, PPO):
     :param backtrack_ratio: step shrink factor per backtrack, in (0, 1).
     :param checks: extra checks: callables ``check(ctx: UpdateContext) -> CheckResult``.
     :param max_log_entries: keep only the last entries of ``verification_log`` (None: keep all).
+    :param target_entropy: when set (nats), ``ent_coef`` adapts after each accepted update to keep the
+        policy's mean entropy near it: ``ent_coef *= exp(entropy_coef_rate * (target - entropy))``,
+        within ``ENTROPY_COEF_BOUNDS``. ``ent_coef`` is then its starting value. Needs ``min_entropy``.
+    :param entropy_coef_rate: speed of that adaptation, > 0.
     """
 
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
@@ -406,6 +433,8 @@ class VerifiedRecurrentPPO(VerificationMixin, RecurrentPPO):
     starts and padding masks (padding is excluded from every figure). Accepts the policy
     ``"SLMLstmPolicy"`` by name. Arguments: those of ``RecurrentPPO`` plus :class:`VerifiedPPO`'s.
     """
+
+    policy_aliases: ClassVar[dict[str, type]] = {**RecurrentPPO.policy_aliases, "SLMLstmPolicy": SLMLstmPolicy}
 
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
         distribution, _ = self.policy.get_distribution(batch.observations, batch.lstm_states.pi, batch.episode_starts)

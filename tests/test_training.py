@@ -1,0 +1,180 @@
+"""A short end-to-end training run: its outputs, its checkpoints, its reproducibility, its configuration."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import struct
+
+import pytest
+import yaml
+
+from verl_sb3.checkpoints import load_checkpoint
+from verl_sb3.dashboard import plot_dashboard
+from verl_sb3.evaluation import evaluate_model
+from verl_sb3.training import TrainConfig, TrainingRecorder, train
+
+TINY = dict(
+    total_timesteps=2048, n_envs=8, n_steps=20, batch_size=80, eval_freq=1024, checkpoint_freq=1024,
+    eval_sequences=20, final_eval_sequences=50, progress_bar=False,
+)
+ROLLOUT = TINY["n_envs"] * TINY["n_steps"]
+N_UPDATES = math.ceil(TINY["total_timesteps"] / ROLLOUT)  # SB3 collects whole rollouts: 13
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("run")
+    config = TrainConfig(**TINY, output_dir=str(output))
+    return config, output, train(config)
+
+
+@pytest.fixture(scope="module")
+def rerun(tmp_path_factory):
+    output = tmp_path_factory.mktemp("rerun")
+    config = TrainConfig(**TINY, output_dir=str(output))
+    return config, output, train(config)
+
+
+def read_csv(path):
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        return reader.fieldnames, list(reader)
+
+
+def png_size(path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG file"
+    assert data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_outputs_exist(run):
+    _, output, _ = run
+    for name in ("training_curves.png", "updates.csv", "evaluation.md", "evaluation.json", "config.yaml", "evaluations.json"):
+        assert (output / name).is_file(), name
+    checkpoints = output / "model_checkpoints"
+    assert (checkpoints / "final_model.zip").is_file() and (checkpoints / "best_model.zip").is_file()
+    periodic = sorted(checkpoints.glob("model_*_steps.zip"))
+    assert periodic, "no periodic checkpoint"
+    for path in periodic:  # named after the timestep, saved at a rollout boundary past checkpoint_freq
+        steps = int(path.stem.split("_")[1])
+        assert steps % ROLLOUT == 0 and steps >= TINY["checkpoint_freq"]
+    assert not list(checkpoints.glob("*.tmp"))
+
+
+def test_dashboard_is_a_real_png(run):
+    _, output, _ = run
+    path = output / "training_curves.png"
+    width, height = png_size(path)
+    assert (width, height) == (1430, 935)  # 13 x 8.5 inches at 110 dpi
+    assert path.stat().st_size > 30_000  # four plots with data, not a blank image
+
+
+def test_updates_csv_has_one_row_per_update(run):
+    _, output, result = run
+    model = result["model"]
+    columns, rows = read_csv(output / "updates.csv")
+    assert tuple(columns) == TrainingRecorder.COLUMNS
+    assert len(rows) == N_UPDATES == len(model.verification_log) == len(result["recorder"].updates)
+    assert [int(r["update"]) for r in rows] == list(range(N_UPDATES))
+    assert [int(r["timesteps"]) for r in rows] == [ROLLOUT * (i + 1) for i in range(N_UPDATES)]
+    for row, entry in zip(rows, model.verification_log):
+        assert int(row["accepted"]) == int(entry["accepted"]) and int(row["rolled_back"]) == int(entry["rolled_back"])
+        assert float(row["kl"]) == pytest.approx(entry["kl"])
+        assert 0.0 <= float(row["mean_episode_reward"]) <= 20.0
+        assert math.isnan(float(row["loss"])) != bool(entry["accepted"])  # losses only for accepted updates
+    assert float(rows[-1]["verification_rate"]) == pytest.approx(model.verification_rate)
+    wall = [float(r["wall_time"]) for r in rows]
+    assert wall == sorted(wall)
+
+
+def test_evaluation_files_agree_with_the_result(run):
+    config, output, result = run
+    markdown = (output / "evaluation.md").read_text()
+    assert markdown.startswith("| Test case | Metric | Target | Actual | Result |")
+    assert result["table"] in markdown
+    data = json.loads((output / "evaluation.json").read_text())
+    assert data["all_passed"] == all(row["passed"] for row in result["rows"])
+    assert [row["test_case"] for row in data["targets"]] == [row["test_case"] for row in result["rows"]]
+    assert data["figures"]["n_sequences"] == config.final_eval_sequences
+    assert data["figures"]["optimal_return"] == pytest.approx(20.0)
+    evaluations = json.loads((output / "evaluations.json").read_text())
+    assert evaluations and all(e["n_sequences"] == config.eval_sequences for e in evaluations)
+
+
+def test_config_yaml_rebuilds_the_configuration(run):
+    config, output, _ = run
+    assert yaml.safe_load((output / "config.yaml").read_text()) == config.as_dict()
+    assert TrainConfig.from_yaml(output / "config.yaml").as_dict() == config.as_dict()
+
+
+def test_final_checkpoint_reloads_with_the_same_evaluation(run):
+    config, output, result = run
+    loaded = load_checkpoint(output / "model_checkpoints" / "final_model.zip")
+    figures = evaluate_model(loaded, n_sequences=config.final_eval_sequences, seed=config.seed + 10_000)
+    expected = {k: v for k, v in result["figures"].items() if k not in ("train_seconds", "timesteps")}
+    assert figures == expected
+    assert loaded.num_timesteps == result["figures"]["timesteps"] == N_UPDATES * ROLLOUT
+
+
+def test_same_seed_same_numbers(run, rerun):
+    _, output, result = run
+    _, output_again, result_again = rerun
+    columns, rows = read_csv(output / "updates.csv")
+    _, rows_again = read_csv(output_again / "updates.csv")
+    numbers = [c for c in columns if c != "wall_time"]
+    assert [[r[c] for c in numbers] for r in rows] == [[r[c] for c in numbers] for r in rows_again]
+    drop = ("train_seconds",)
+    assert {k: v for k, v in result["figures"].items() if k not in drop} == \
+        {k: v for k, v in result_again["figures"].items() if k not in drop}
+    assert result["recorder"].episode_returns == result_again["recorder"].episode_returns
+
+
+@pytest.mark.parametrize(
+    "values, field",
+    [
+        (dict(n_envs=0), "n_envs"),
+        (dict(n_envs=True), "n_envs"),
+        (dict(total_timesteps=1.5), "total_timesteps"),
+        (dict(batch_size="80"), "batch_size"),
+        (dict(learning_rate="fast"), "learning_rate"),
+        (dict(kl_threshold=-0.1), "kl_threshold"),
+        (dict(kl_threshold=float("inf")), "kl_threshold"),
+        (dict(vocab_size=1), "vocab_size"),
+        (dict(max_length=0), "max_length"),
+        (dict(forbidden_tokens=[50]), "forbidden_tokens"),
+        (dict(forbidden_tokens=["a"]), "forbidden_tokens"),
+        (dict(env_kwargs=dict(repetition_window=1)), "repetition_window"),
+        (dict(nope=1, also_not=2), "unknown settings \\['also_not', 'nope'\\]"),
+    ],
+)
+def test_config_errors_name_the_field(values, field):
+    with pytest.raises(ValueError, match=field):
+        TrainConfig.from_dict(values)
+
+
+def test_config_from_yaml(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("n_envs: 4\nforbidden_tokens: [3, 5]\n")
+    config = TrainConfig.from_yaml(path, seed=7)
+    assert (config.n_envs, config.forbidden_tokens, config.seed) == (4, [3, 5], 7)
+    assert config.total_timesteps == TrainConfig().total_timesteps  # the rest: TrainConfig's defaults
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="mapping"):
+        TrainConfig.from_yaml(path)
+    path.write_text("n_steps: 0\n")
+    with pytest.raises(ValueError, match="n_steps"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(FileNotFoundError, match="missing.yaml"):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
+    path = plot_dashboard([], [], [], tmp_path / "empty.png")
+    assert png_size(path) == (1430, 935)
+    updates = [dict(timesteps=10, loss=math.nan, value_loss=math.nan, policy_gradient_loss=math.nan,
+                    accepted=0, backtracks=0, rolled_back=1)]
+    path = plot_dashboard([5, 10], [-3.0, -1.0], updates, tmp_path / "negative.png", optimum=0.0, random_baseline=-2.0)
+    assert png_size(path) == (1430, 935)

@@ -1,0 +1,240 @@
+"""The main job: train the SLM with verified PPO on TextGen-v0, record, checkpoint and evaluate."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+import yaml
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
+from stable_baselines3.common.logger import configure
+
+from textenv_gym.dynamics import TextGenConfig
+from textenv_gym.sb3_vec_env import make_textgen_vec_env
+from verl_sb3.checkpoints import save_checkpoint
+from verl_sb3.dashboard import plot_dashboard
+from verl_sb3.evaluation import evaluate_model, evaluation_table, markdown_table, save_evaluation
+from verl_sb3.verified import VerifiedRecurrentPPO
+
+RANDOM_POLICY_RETURN = 18.24  # uniform random policy, vocabulary 50, length 20 (measured, see README)
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training run uses; defaults are the tuned default run (see README)."""
+
+    total_timesteps: int = 200_000
+    n_envs: int = 32
+    seed: int = 0
+    learning_rate: float = 1e-3
+    kl_threshold: float = 0.05
+    vocab_size: int = 50
+    max_length: int = 20
+    forbidden_tokens: list[int] = field(default_factory=list)
+    output_dir: str = "results"
+    n_steps: int = 40
+    batch_size: int = 640
+    n_epochs: int = 4
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    clip_range: float = 0.2
+    ent_coef: float = 0.0
+    target_entropy: float | None = None
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval_freq: int = 20_000
+    eval_sequences: int = 200
+    final_eval_sequences: int = 500
+    checkpoint_freq: int = 50_000
+    threads: int = 1
+    progress_bar: bool = True
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_freq", "eval_sequences",
+                     "final_eval_sequences", "checkpoint_freq", "threads"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        for name in ("learning_rate", "kl_threshold"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
+        self.textgen = TextGenConfig(  # validates the environment's arguments now, not after setup
+            vocab_size=self.vocab_size, max_length=self.max_length,
+            forbidden_tokens=list(self.forbidden_tokens), **self.env_kwargs,
+        )
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """The configuration in a YAML file (keys are this class's fields), then ``overrides``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no such file {str(path)!r}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config {str(path)!r}: expected a mapping of settings, got {type(values).__name__}")
+        return cls.from_dict({**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"config: unknown settings {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+class TrainingRecorder(BaseCallback):
+    """Collects episode returns, writes one CSV row per update, evaluates and checkpoints.
+
+    Runs between rollouts, right after each update, when the figures of that update are final.
+    """
+
+    COLUMNS = ("update", "timesteps", "mean_episode_reward", "loss", "policy_gradient_loss", "value_loss",
+               "entropy_loss", "approx_kl", "kl", "accepted", "backtracks", "rolled_back", "entropy",
+               "verification_rate", "wall_time")
+
+    def __init__(self, config: TrainConfig, output: Path) -> None:
+        super().__init__()
+        self.config = config
+        self.output = output
+        self.episode_timesteps: list[int] = []
+        self.episode_returns: list[float] = []
+        self.updates: list[dict[str, Any]] = []
+        self.evaluations: list[dict[str, float]] = []
+        self.best_return = -math.inf
+        self._next_eval = config.eval_freq
+        self._next_checkpoint = config.checkpoint_freq
+        self._recent: list[float] = []
+        self._start = time.perf_counter()
+
+    def _on_training_start(self) -> None:
+        self._csv_file = open(self.output / "updates.csv", "w", newline="")
+        self._csv = csv.DictWriter(self._csv_file, fieldnames=self.COLUMNS)
+        self._csv.writeheader()
+
+    def _on_step(self) -> bool:
+        for info in self.locals["infos"]:
+            episode = info.get("episode")
+            if episode is not None:
+                self.episode_timesteps.append(self.num_timesteps)
+                self.episode_returns.append(float(episode["r"]))
+                self._recent.append(float(episode["r"]))
+        return True
+
+    def _on_rollout_start(self) -> None:
+        self._record_update()
+        if self.num_timesteps >= self._next_eval:
+            self._next_eval += self.config.eval_freq
+            self._evaluate()
+        if self.num_timesteps >= self._next_checkpoint:
+            self._next_checkpoint += self.config.checkpoint_freq
+            save_checkpoint(self.model, self.output / "model_checkpoints" / f"model_{self.num_timesteps}_steps.zip")
+
+    def _on_training_end(self) -> None:
+        self._record_update()
+        self._csv_file.close()
+
+    def _record_update(self) -> None:
+        log = self.model.verification_log
+        if len(self.updates) >= self.model._n_verified or not log:
+            return
+        entry = log[-1]
+        values = self.model.logger.name_to_value
+        row = {
+            "update": entry["update"],
+            "timesteps": self.num_timesteps,
+            "mean_episode_reward": float(np.mean(self._recent)) if self._recent else math.nan,
+            "kl": entry["kl"],
+            "accepted": int(entry["accepted"]),
+            "backtracks": entry["backtracks"],
+            "rolled_back": int(entry["rolled_back"]),
+            "entropy": entry["entropy"],
+            "verification_rate": self.model.verification_rate,
+            "wall_time": time.perf_counter() - self._start,
+        }
+        for name in ("loss", "policy_gradient_loss", "value_loss", "entropy_loss", "approx_kl"):
+            row[name] = float(values.get(f"train/{name}", math.nan)) if entry["accepted"] else math.nan
+        self._recent = []
+        self.updates.append(row)
+        self._csv.writerow(row)
+        self._csv_file.flush()
+
+    def _evaluate(self) -> None:
+        figures = evaluate_model(self.model, n_sequences=self.config.eval_sequences, seed=self.config.seed + len(self.evaluations))
+        figures.update(timesteps=self.num_timesteps, wall_time=time.perf_counter() - self._start)
+        self.evaluations.append(figures)
+        for name in ("mean_return", "repetition_rate", "entropy", "diversity"):
+            self.logger.record(f"eval/{name}", figures[name])
+        if figures["mean_return"] > self.best_return:
+            self.best_return = figures["mean_return"]
+            save_checkpoint(self.model, self.output / "model_checkpoints" / "best_model.zip")
+
+
+def _logger_formats() -> list[str]:
+    formats = ["csv"]
+    try:
+        import tensorboard  # noqa: F401
+
+        formats.append("tensorboard")
+    except ImportError:
+        pass
+    return formats
+
+
+def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
+    """The verified SLM and its vectorised environment, as the configuration says."""
+    th.set_num_threads(config.threads)
+    env_kwargs = config.textgen.as_kwargs()
+    env = make_textgen_vec_env(config.n_envs, seed=config.seed, **env_kwargs)
+    model = VerifiedRecurrentPPO(
+        "SLMLstmPolicy", env,
+        learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
+        n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
+        ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
+        policy_kwargs=dict(config.policy_kwargs), seed=config.seed, verbose=config.verbose,
+        kl_threshold=config.kl_threshold, target_entropy=config.target_entropy, **config.verification,
+    )
+    model.env_kwargs = env_kwargs
+    return model
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Run the training, write the outputs into ``config.output_dir`` and return the evaluation."""
+    output = Path(config.output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    (output / "config.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+    model = build_model(config)
+    model.set_logger(configure(str(output / "logs"), _logger_formats()))
+    recorder = TrainingRecorder(config, output)
+    start = time.perf_counter()
+    model.learn(config.total_timesteps, callback=CallbackList([recorder]), progress_bar=config.progress_bar)
+    train_seconds = time.perf_counter() - start
+    save_checkpoint(model, output / "model_checkpoints" / "final_model.zip")
+
+    figures = evaluate_model(model, n_sequences=config.final_eval_sequences, seed=config.seed + 10_000)
+    figures.update(train_seconds=train_seconds, timesteps=model.num_timesteps)
+    rows = evaluation_table(figures)
+    save_evaluation(output, figures, rows)
+    plot_dashboard(
+        recorder.episode_timesteps, recorder.episode_returns, recorder.updates, output / "training_curves.png",
+        optimum=figures["optimal_return"],
+        random_baseline=RANDOM_POLICY_RETURN if (config.vocab_size, config.max_length) == (50, 20) and not config.forbidden_tokens else None,
+    )
+    (output / "evaluations.json").write_text(json.dumps(recorder.evaluations, indent=2))
+    return {"figures": figures, "rows": rows, "table": markdown_table(rows), "model": model, "recorder": recorder}
