@@ -264,3 +264,63 @@ def test_verified_ppo_learns_cartpole():
     returns = [info["r"] for info in model.ep_info_buffer]
     assert np.mean(returns) > 60  # a random policy averages about 22
     assert model.verification_rate >= 0.9
+
+
+def test_entropy_controller_is_dual_ascent_on_accepted_updates():
+    model = VerifiedPPO("MlpPolicy", "CartPole-v1", ent_coef=0.0, target_entropy=5.0, entropy_coef_rate=0.1, **SMALL_PPO)
+    model.learn(2 * 64)
+    coefficient = 0.0
+    for entry in model.verification_log:
+        entropy = entry["checks"]["entropy"]["value"]  # CartPole: at most ln 2 < 5, so it must rise
+        coefficient = max(0.0, coefficient + 0.1 * (5.0 - entropy))
+    assert model.ent_coef == pytest.approx(coefficient) and model.ent_coef > 0.8
+
+    above = VerifiedPPO("MlpPolicy", "CartPole-v1", ent_coef=0.05, target_entropy=0.0, entropy_coef_rate=0.1, **SMALL_PPO)
+    above.learn(64)
+    assert above.ent_coef == 0.0  # entropy above the target: the multiplier falls to its floor, 0
+
+
+def test_rejected_updates_leave_the_entropy_controller_alone():
+    model = VerifiedPPO(
+        "MlpPolicy", "CartPole-v1", ent_coef=0.02, target_entropy=5.0, kl_threshold=1e-12, max_backtracks=0, **SMALL_PPO
+    )
+    model.learn(2 * 64)
+    assert all(entry["rolled_back"] for entry in model.verification_log)
+    assert model.ent_coef == 0.02
+
+
+def test_target_entropy_needs_the_entropy_check():
+    with pytest.raises(ValueError, match="target_entropy"):
+        VerifiedPPO("MlpPolicy", "CartPole-v1", min_entropy=None, target_entropy=1.0)
+    with pytest.raises(ValueError, match="entropy_coef_rate"):
+        VerifiedPPO("MlpPolicy", "CartPole-v1", target_entropy=1.0, entropy_coef_rate=0.0)
+
+
+@pytest.mark.parametrize(
+    "cls, policy, make_env, kwargs",
+    [
+        (VerifiedPPO, "MlpPolicy", lambda: textgen(3), dict(SMALL_PPO, n_steps=16)),
+        (VerifiedRecurrentPPO, "SLMLstmPolicy", lambda: textgen(3), dict(
+            SMALL_RECURRENT, n_steps=16, policy_kwargs=dict(lstm_hidden_size=16, embedding_dim=8))),
+    ],
+)
+def test_old_distribution_recorded_during_collection_equals_a_fresh_forward_pass(cls, policy, make_env, kwargs):
+    """The verifier reuses the logits of collection; they must be the old policy on the batch's rows
+    (episodes end mid-rollout here: length 6, 16 steps)."""
+    compared = []
+
+    class Compare(cls):
+        def train(self):
+            batch = self._rollout_batch()
+            recorded = self._old_distribution(batch).distribution.logits
+            self.policy.set_training_mode(False)
+            with th.no_grad():
+                fresh = self._policy_on_batch(batch)[0].distribution.logits
+            assert recorded.shape == fresh.shape == (self.n_envs * self.n_steps, self.action_space.n)
+            assert th.allclose(th.log_softmax(recorded, 1), th.log_softmax(fresh, 1), atol=1e-5)
+            compared.append(True)
+            super().train()
+
+    model = Compare(policy, make_env(), **kwargs)
+    model.learn(3 * 16 * 3)
+    assert compared == [True] * 3 and len(model.verification_log) == 3

@@ -169,10 +169,10 @@ class TiedOutput(nn.Module):
 class BagOfTokensCritic(nn.Module):
     """Feed-forward critic used when the critic has no LSTM (``enable_critic_lstm=False, shared_lstm=False``).
 
-    The bag of tokens of the observed sequence (how often each token occurs, divided by ``L``,
-    and the sequence length over ``L``) through an MLP with one tanh hidden layer. Unlike a
-    linear map of the mean embedding, it can count distinct tokens, which is what the value of a
-    TextGen-v0 state depends on. The actor stays a language model; only the value estimate
+    The bag of tokens of the observed sequence (which tokens occur, how often each occurs
+    divided by ``L``, and the sequence length over ``L``) through an MLP with one tanh hidden
+    layer. The number of distinct tokens, on which the value of a TextGen-v0 state depends, is
+    linear in these features. The actor stays a language model; only the value estimate
     reads the sequence as a bag.
 
     :param vocab_size: ``V``; id ``V`` is padding.
@@ -185,7 +185,7 @@ class BagOfTokensCritic(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.max_length = max_length
-        self.net = nn.Sequential(nn.Linear(vocab_size + 1, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, output_dim))
+        self.net = nn.Sequential(nn.Linear(2 * vocab_size + 1, hidden_dim), nn.Tanh(), nn.Linear(hidden_dim, output_dim))
 
     def bag_of_tokens(self, features: th.Tensor) -> th.Tensor:
         """Token counts and the length, each over ``L``: shape ``(batch, V + 1)``."""
@@ -198,7 +198,9 @@ class BagOfTokensCritic(nn.Module):
         return counts / self.max_length
 
     def forward(self, features: th.Tensor) -> th.Tensor:
-        return self.net(self.bag_of_tokens(features))
+        bag = self.bag_of_tokens(features)
+        presence = (bag[:, : self.vocab_size] > 0).to(bag.dtype)
+        return self.net(th.cat([presence, bag], dim=1))
 
 
 class SLMLstmPolicy(RecurrentActorCriticPolicy):

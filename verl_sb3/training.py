@@ -22,7 +22,7 @@ from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3.checkpoints import save_checkpoint
 from verl_sb3.dashboard import plot_dashboard
 from verl_sb3.evaluation import evaluate_model, evaluation_table, markdown_table, save_evaluation
-from verl_sb3.verified import VerifiedRecurrentPPO
+from verl_sb3.verified import DEFAULT_KL_THRESHOLD, VerifiedRecurrentPPO
 
 RANDOM_POLICY_RETURN = 18.24  # uniform random policy, vocabulary 50, length 20 (measured, see README)
 
@@ -31,32 +31,32 @@ RANDOM_POLICY_RETURN = 18.24  # uniform random policy, vocabulary 50, length 20 
 class TrainConfig:
     """Everything the training run uses; defaults are the tuned default run (see README)."""
 
-    total_timesteps: int = 200_000
-    n_envs: int = 32
+    total_timesteps: int = 600_000
+    n_envs: int = 128
     seed: int = 0
     learning_rate: float = 1e-3
-    kl_threshold: float = 0.05
+    kl_threshold: float = DEFAULT_KL_THRESHOLD
     vocab_size: int = 50
     max_length: int = 20
     forbidden_tokens: list[int] = field(default_factory=list)
     output_dir: str = "results"
-    n_steps: int = 40
-    batch_size: int = 640
+    n_steps: int = 20
+    batch_size: int = 320
     n_epochs: int = 4
     gamma: float = 1.0
-    gae_lambda: float = 0.95
+    gae_lambda: float = 0.8
     clip_range: float = 0.2
     ent_coef: float = 0.0
-    target_entropy: float | None = None
+    target_entropy: float | None = 2.5
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
-    policy_kwargs: dict[str, Any] = field(default_factory=dict)
+    policy_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_critic_lstm": False})
     verification: dict[str, Any] = field(default_factory=dict)
     env_kwargs: dict[str, Any] = field(default_factory=dict)
-    eval_freq: int = 20_000
+    eval_freq: int = 50_000
     eval_sequences: int = 200
     final_eval_sequences: int = 500
-    checkpoint_freq: int = 50_000
+    checkpoint_freq: int = 200_000
     threads: int = 1
     progress_bar: bool = True
     verbose: int = 0

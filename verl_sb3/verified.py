@@ -18,14 +18,14 @@ import torch as th
 from gymnasium import spaces
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
-from stable_baselines3.common.distributions import Distribution
+from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 
 from verl_sb3 import checks as C
 from verl_sb3.checks import CheckResult, UpdateContext
 from verl_sb3.policies import SLMLstmPolicy
 
 #: Defaults, measured on the default training run (see README, "Verification").
-DEFAULT_KL_THRESHOLD = 0.05
+DEFAULT_KL_THRESHOLD = 0.25
 DEFAULT_MIN_ENTROPY = 0.01
 DEFAULT_MAX_FORBIDDEN_PROB = 0.05
 DEFAULT_RETURNS_TOLERANCE = 1e-4
@@ -33,10 +33,26 @@ DEFAULT_ADVANTAGE_TOLERANCE = 0.05
 DEFAULT_SURROGATE_TOLERANCE = 0.02
 DEFAULT_MAX_BACKTRACKS = 5
 DEFAULT_BACKTRACK_RATIO = 0.5
-DEFAULT_ENTROPY_COEF_RATE = 0.5
-ENTROPY_COEF_BOUNDS = (1e-5, 1.0)
+DEFAULT_ENTROPY_COEF_RATE = 0.01
 
 _LOG_PREFIX = "train/"
+
+
+@dataclass
+class RolloutBatch:
+    """The rollout just collected, one row per (environment, step), environment-major.
+
+    ``lstm_states`` (recurrent policies) are the actor's states at each environment's first
+    step, shaped ``(layers, n_envs, hidden)``.
+    """
+
+    observations: th.Tensor | dict[str, th.Tensor]
+    actions: th.Tensor
+    old_values: th.Tensor
+    advantages: th.Tensor
+    returns: th.Tensor
+    episode_starts: th.Tensor
+    lstm_states: tuple[th.Tensor, th.Tensor] | None = None
 
 
 @dataclass
@@ -60,6 +76,17 @@ def _number(name: str, value: Any, low: float, high: float = math.inf, *, open_l
     if too_low or too_high:
         raise ValueError(f"{name}: expected a number in {interval}, got {value}")
     return float(value)
+
+
+def _clone_state(value: Any) -> Any:
+    """A copy of an optimizer state dict: tensors cloned, containers rebuilt, the rest shared."""
+    if isinstance(value, th.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: _clone_state(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_state(item) for item in value)
+    return value
 
 
 def _check_name(check: Callable) -> str:
@@ -174,17 +201,39 @@ class VerificationMixin:
         }
 
     # ------------------------------------------------------------------ the update
+    def collect_rollouts(self, *args: Any, **kwargs: Any) -> bool:
+        """The parent's collection, recording the action logits the policy computed at each step.
+
+        They are the old policy's distribution on the rollout, which verification then needs
+        without a second forward pass (Discrete actions; other spaces recompute it).
+        """
+        policy, forward, captured = self.policy, self.policy.forward, []
+
+        def recording_forward(*f_args: Any, **f_kwargs: Any) -> Any:
+            output = forward(*f_args, **f_kwargs)
+            if isinstance(policy.action_dist, CategoricalDistribution):
+                captured.append(policy.action_dist.distribution.logits.detach())
+            return output
+
+        policy.forward = recording_forward
+        try:
+            return super().collect_rollouts(*args, **kwargs)
+        finally:
+            del policy.forward
+            self._rollout_logits = captured
+
+    def _excluded_save_params(self) -> list[str]:
+        return [*super()._excluded_save_params(), "_rollout_logits"]
+
     def train(self) -> None:
         """PPO's update, then verification; a failing update is backtracked, else rolled back.
 
         An update that makes the parameters non-finite fails verification even when PPO's own
         loop raised on them (torch refuses NaN logits): it is rolled back and training goes on.
         """
-        batch = self._full_rollout_batch()
+        batch = self._rollout_batch()
         snapshot = self._take_snapshot()
-        self.policy.set_training_mode(False)
-        with th.no_grad():
-            old_distribution, _, _ = self._policy_on_batch(batch)
+        old_distribution = self._old_distribution(batch)
         try:
             super().train()
         except (ValueError, RuntimeError):
@@ -197,10 +246,22 @@ class VerificationMixin:
             self._restore(snapshot)
             raise
 
+    def _old_distribution(self, batch: RolloutBatch) -> Distribution:
+        """The policy's distribution on ``batch`` before the update: recorded during collection, else computed."""
+        logits = getattr(self, "_rollout_logits", None) or []
+        n_steps, n_envs = self.rollout_buffer.buffer_size, self.rollout_buffer.n_envs
+        if len(logits) == n_steps and all(step.shape[0] == n_envs for step in logits):
+            stacked = th.stack(logits).transpose(0, 1)  # (n_envs, n_steps, n_actions): env-major, as the batch
+            return copy.copy(self.policy.action_dist).proba_distribution(action_logits=stacked.reshape(n_envs * n_steps, -1))
+        self.policy.set_training_mode(False)
+        with th.no_grad():
+            return self._policy_on_batch(batch)[0]
+
     def _settle_update(self, batch: Any, old_distribution: Distribution, snapshot: _Snapshot) -> None:
-        updated = {name: tensor.clone() for name, tensor in self.policy.state_dict().items()}
         full_step = results = self._verify_current(batch, old_distribution)
         backtracks, step_size = 0, 1.0
+        if not self._passed(results) and self.max_backtracks:
+            updated = {name: tensor.clone() for name, tensor in self.policy.state_dict().items()}
         while not self._passed(results) and backtracks < self.max_backtracks:
             backtracks += 1
             step_size = self.backtrack_ratio**backtracks
@@ -214,19 +275,22 @@ class VerificationMixin:
             self._adapt_entropy_coefficient(results["entropy"].value if "entropy" in results else math.nan)
 
     def _adapt_entropy_coefficient(self, entropy: float) -> None:
-        """With ``target_entropy``: ``ent_coef *= exp(entropy_coef_rate * (target - entropy))``.
+        """With ``target_entropy``: ``ent_coef = max(0, ent_coef + entropy_coef_rate * (target - entropy))``.
 
-        The coefficient grows while the policy's entropy is below the target and shrinks above it
-        (as SAC tunes its temperature), kept within ``ENTROPY_COEF_BOUNDS``.
+        ``ent_coef`` acts as the Lagrange multiplier of the constraint "entropy >= target": dual
+        ascent raises it while the policy's entropy is below the target and lowers it, down to
+        0, above.
         """
         if self.target_entropy is None or not math.isfinite(entropy):
             return
-        low, high = ENTROPY_COEF_BOUNDS
-        self.ent_coef = float(min(high, max(low, self.ent_coef * math.exp(self.entropy_coef_rate * (self.target_entropy - entropy)))))
+        self.ent_coef = max(0.0, float(self.ent_coef) + self.entropy_coef_rate * (self.target_entropy - entropy))
         self.logger.record("verl/ent_coef", self.ent_coef)
 
+    def _parameter_vector(self) -> th.Tensor:
+        return th.nn.utils.parameters_to_vector(p.detach() for p in self.policy.parameters())
+
     def _count_non_finite_parameters(self) -> int:
-        return sum(int((~th.isfinite(p)).sum()) for p in self.policy.parameters())
+        return int((~th.isfinite(self._parameter_vector())).sum())
 
     def _verify_current(self, batch: Any, old_distribution: Distribution) -> dict[str, CheckResult]:
         """:meth:`verify` on the current parameters; with non-finite ones, only what can be said."""
@@ -244,13 +308,24 @@ class VerificationMixin:
     def _passed(results: dict[str, CheckResult]) -> bool:
         return all(result.passed for result in results.values())
 
-    def _full_rollout_batch(self) -> Any:
-        """The whole rollout as one batch, without touching numpy's global random state."""
-        state = np.random.get_state()
-        try:
-            return next(self.rollout_buffer.get(batch_size=None))
-        finally:
-            np.random.set_state(state)
+    def _rollout_batch(self) -> RolloutBatch:
+        """The whole rollout as one batch, environment-major (row ``env * n_steps + step``), as
+        the buffer holds it before ``train()`` reorders it; numpy's random state is not touched."""
+        buffer = self.rollout_buffer
+        flat = buffer.generator_ready  # already flattened (environment-major) by an earlier get()
+
+        def tensor(array: np.ndarray) -> th.Tensor:
+            return th.as_tensor(array if flat else buffer.swap_and_flatten(array), device=self.device)
+
+        observations = buffer.observations
+        return RolloutBatch(
+            observations={k: tensor(v) for k, v in observations.items()} if isinstance(observations, dict) else tensor(observations),
+            actions=tensor(buffer.actions),
+            old_values=tensor(buffer.values).flatten(),
+            advantages=tensor(buffer.advantages).flatten(),
+            returns=tensor(buffer.returns).flatten(),
+            episode_starts=tensor(buffer.episode_starts).flatten(),
+        )
 
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
         """The policy's distribution on the batch, the log-probability of its actions, and the real-sample mask.
@@ -259,9 +334,10 @@ class VerificationMixin:
         """
         raise NotImplementedError
 
-    def _real_samples(self, batch: Any) -> th.Tensor:
-        """Boolean mask of the batch's real (not padding) samples."""
-        raise NotImplementedError
+    @staticmethod
+    def _real_samples(batch: RolloutBatch) -> th.Tensor:
+        """Every sample of the rollout batch is real (it has no padding)."""
+        return th.ones(len(batch.advantages), dtype=th.bool, device=batch.advantages.device)
 
     def _batch_actions(self, batch: Any) -> th.Tensor:
         if isinstance(self.action_space, spaces.Discrete):
@@ -288,7 +364,7 @@ class VerificationMixin:
                 old_log_prob=old_distribution.log_prob(actions)[mask],
                 new_log_prob=new_log_prob[mask],
                 normalize_advantage=self.normalize_advantage,
-                parameters=[p.detach() for p in self.policy.parameters()],
+                parameters=[self._parameter_vector()],
                 forbidden_tokens=self.forbidden_tokens,
             )
 
@@ -301,7 +377,7 @@ class VerificationMixin:
         )
         return _Snapshot(
             policy={name: tensor.clone() for name, tensor in self.policy.state_dict().items()},
-            optimizer=copy.deepcopy(self.policy.optimizer.state_dict()),
+            optimizer=_clone_state(self.policy.optimizer.state_dict()),
             n_updates=self._n_updates,
             extra={name: copy.deepcopy(getattr(self, name)) for name in self._rollback_attributes},
             logged=logged,
@@ -412,18 +488,16 @@ class VerifiedPPO(VerificationMixin, PPO):
     :param checks: extra checks: callables ``check(ctx: UpdateContext) -> CheckResult``.
     :param max_log_entries: keep only the last entries of ``verification_log`` (None: keep all).
     :param target_entropy: when set (nats), ``ent_coef`` adapts after each accepted update to keep the
-        policy's mean entropy near it: ``ent_coef *= exp(entropy_coef_rate * (target - entropy))``,
-        within ``ENTROPY_COEF_BOUNDS``. ``ent_coef`` is then its starting value. Needs ``min_entropy``.
-    :param entropy_coef_rate: speed of that adaptation, > 0.
+        policy's mean entropy at least near it, as a Lagrange multiplier:
+        ``ent_coef = max(0, ent_coef + entropy_coef_rate * (target - entropy))``. ``ent_coef`` is then
+        its starting value. Needs ``min_entropy``.
+    :param entropy_coef_rate: step size of that adaptation, > 0.
     """
 
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
         distribution = copy.copy(self.policy.get_distribution(batch.observations))
         log_prob = distribution.log_prob(self._batch_actions(batch))
         return distribution, log_prob, self._real_samples(batch)
-
-    def _real_samples(self, batch: Any) -> th.Tensor:
-        return th.ones(len(batch.advantages), dtype=th.bool, device=batch.advantages.device)
 
 
 class VerifiedRecurrentPPO(VerificationMixin, RecurrentPPO):
@@ -437,10 +511,19 @@ class VerifiedRecurrentPPO(VerificationMixin, RecurrentPPO):
     policy_aliases: ClassVar[dict[str, type]] = {**RecurrentPPO.policy_aliases, "SLMLstmPolicy": SLMLstmPolicy}
 
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
-        distribution, _ = self.policy.get_distribution(batch.observations, batch.lstm_states.pi, batch.episode_starts)
+        distribution, _ = self.policy.get_distribution(batch.observations, batch.lstm_states, batch.episode_starts)
         distribution = copy.copy(distribution)
         log_prob = distribution.log_prob(self._batch_actions(batch))
         return distribution, log_prob, self._real_samples(batch)
 
-    def _real_samples(self, batch: Any) -> th.Tensor:
-        return batch.mask > 1e-8
+    def _rollout_batch(self) -> RolloutBatch:
+        """One sequence per environment, starting from the actor's LSTM state stored at its first step."""
+        batch = super()._rollout_batch()
+        buffer = self.rollout_buffer
+        if buffer.generator_ready:  # (n_envs * n_steps, layers, hidden), environment-major
+            first = slice(None, None, buffer.buffer_size)
+            states = (buffer.hidden_states_pi[first].swapaxes(0, 1), buffer.cell_states_pi[first].swapaxes(0, 1))
+        else:  # (n_steps, layers, n_envs, hidden)
+            states = (buffer.hidden_states_pi[0], buffer.cell_states_pi[0])
+        batch.lstm_states = tuple(th.as_tensor(np.ascontiguousarray(x), device=self.device) for x in states)
+        return batch

@@ -1,0 +1,82 @@
+"""Wall time per environment step of the verified algorithms against their parents, same run.
+
+Each pair trains on identical settings and seeds; runs alternate (parent, verified, parent, ...)
+so that machine load affects both alike, and the median of the repeats is compared.
+
+    python benchmarks/verification_overhead.py            # full
+    python benchmarks/verification_overhead.py --quick    # smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch as th
+from sb3_contrib import RecurrentPPO
+from stable_baselines3 import PPO
+
+from textenv_gym.sb3_vec_env import make_textgen_vec_env
+from verl_sb3 import VerifiedPPO, VerifiedRecurrentPPO
+from verl_sb3.policies import SLMLstmPolicy
+from verl_sb3.training import TrainConfig
+
+TARGET_OVERHEAD = 0.05
+
+
+def recurrent_kwargs(config: TrainConfig) -> dict:
+    """The default training run's settings (without verification-only arguments)."""
+    return dict(
+        learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
+        n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
+        ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
+        policy_kwargs=dict(config.policy_kwargs), seed=config.seed,
+    )
+
+
+def seconds_per_step(cls, policy, config: TrainConfig, timesteps: int, **kwargs) -> float:
+    env = make_textgen_vec_env(config.n_envs, seed=config.seed)
+    model = cls(policy, env, **kwargs)
+    start = time.perf_counter()
+    model.learn(timesteps)
+    return (time.perf_counter() - start) / model.num_timesteps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny runs, for a smoke test")
+    parser.add_argument("--timesteps", type=int, default=None, help="environment steps per run")
+    parser.add_argument("--repeats", type=int, default=None, help="runs per algorithm")
+    args = parser.parse_args()
+    th.set_num_threads(1)
+    config = TrainConfig()
+    timesteps = args.timesteps or (3 * config.n_envs * config.n_steps if args.quick else 100_000)
+    repeats = args.repeats or (1 if args.quick else 5)
+    base = recurrent_kwargs(config)
+    ppo = {k: v for k, v in base.items() if k != "policy_kwargs"}
+    pairs = [
+        ("RecurrentPPO + SLMLstmPolicy (default training)", (RecurrentPPO, SLMLstmPolicy, base),
+         (VerifiedRecurrentPPO, SLMLstmPolicy, dict(base, kl_threshold=config.kl_threshold, target_entropy=None))),
+        ("PPO + MlpPolicy", (PPO, "MlpPolicy", ppo), (VerifiedPPO, "MlpPolicy", dict(ppo, kl_threshold=config.kl_threshold))),
+    ]
+    print(f"Verification overhead: {timesteps:,} steps per run, {repeats} runs each, {config.n_envs} envs, 1 thread")
+    failed = False
+    for name, parent, verified in pairs:
+        times = {"parent": [], "verified": []}
+        for _ in range(repeats):
+            for label, (cls, policy, kwargs) in (("parent", parent), ("verified", verified)):
+                times[label].append(seconds_per_step(cls, policy, config, timesteps, **kwargs))
+        parent_time, verified_time = statistics.median(times["parent"]), statistics.median(times["verified"])
+        overhead = verified_time / parent_time - 1
+        failed |= overhead > TARGET_OVERHEAD
+        print(f"{name}")
+        print(f"  parent    {parent_time * 1e6:8.1f} us/step   ({parent[0].__name__})")
+        print(f"  verified  {verified_time * 1e6:8.1f} us/step   ({verified[0].__name__})")
+        print(f"  ratio     {verified_time / parent_time:8.3f}   overhead {overhead:+.1%} (target <= {TARGET_OVERHEAD:.0%}): "
+              f"{'MET' if overhead <= TARGET_OVERHEAD else 'NOT MET'}")
+    print("all targets met" if not failed else "some targets not met")
+
+
+if __name__ == "__main__":
+    main()
