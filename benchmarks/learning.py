@@ -1,0 +1,410 @@
+"""Learning curves of the default verified training against unverified and off-the-shelf baselines.
+
+Every run trains on ``make_textgen_vec_env(n_envs, seed)`` (TextGen-v0 defaults: 50 tokens,
+length 20) with the same environment-step budget (``--steps``) and a wall-clock cap per run
+(``--max-seconds``), and is evaluated every ``--eval-every`` steps (between rollouts, so after an
+update) and once at the end with ``evaluate_model(model, n_sequences, seed)``. Wall times exclude
+model construction and the evaluations.
+
+Runs (``--runs``, any of a,b,b',c,d):
+
+- ``a``:  the default training, ``build_model(TrainConfig(seed=...))``: VerifiedRecurrentPPO +
+  SLMLstmPolicy, verified, with the adaptive entropy coefficient (``target_entropy``);
+- ``b``:  the same SLM, policy_kwargs and PPO hyper-parameters on the parent ``RecurrentPPO``,
+  unverified, with the fixed starting ``ent_coef`` (the adaptation lives in the verified class);
+- ``b'``: VerifiedRecurrentPPO with verification made permissive (every tolerance 1e9,
+  ``min_entropy=0``, no backtracking) but the same ``target_entropy``: ``a`` minus verification;
+- ``c``:  sb3-contrib ``RecurrentPPO("MlpLstmPolicy", env)`` at its defaults, 8 envs;
+- ``d``:  SB3 ``PPO("MlpPolicy", env)`` at its defaults, 8 envs.
+
+``--stress`` trains ``a`` and ``b`` (or ``--runs``) at ``--lr-factors`` (default 3 and 10) times the
+default learning rate instead.
+
+    python benchmarks/learning.py              # full: 600,000 steps per run, <= 300 s each (~15 min)
+    python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b (~6 min)
+    python benchmarks/learning.py --quick      # smoke test (< 60 s)
+
+Prints one table (time and steps to first reach a mean return of 19.0 / 19.5 / 19.8, best and
+worst evaluation, final figures, and whether the run stayed no worse than a uniform random
+policy at every evaluation after its first), then the verification overhead of ``a`` against
+``b'`` (or, with ``--stress``, each factor's worst evaluation verified against unverified).
+Writes the curves (mean return against wall time and against steps) to
+``<output-dir>/learning.png`` (``learning_stress.png``) and the raw evaluations beside it as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    import textenv_gym  # noqa: F401
+except ImportError:  # run from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    import textenv_gym  # noqa: F401
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch as th  # noqa: E402
+from sb3_contrib import RecurrentPPO  # noqa: E402
+from stable_baselines3 import PPO  # noqa: E402
+from stable_baselines3.common.base_class import BaseAlgorithm  # noqa: E402
+from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+
+from textenv_gym.dynamics import TextGenConfig  # noqa: E402
+from textenv_gym.sb3_vec_env import make_textgen_vec_env  # noqa: E402
+from verl_sb3 import VerifiedRecurrentPPO  # noqa: E402
+from verl_sb3.evaluation import evaluate_model  # noqa: E402
+from verl_sb3.policies import SLMLstmPolicy  # noqa: E402
+from verl_sb3.training import RANDOM_POLICY_RETURN, TrainConfig, build_model  # noqa: E402
+
+RANDOM_POLICY_REPETITION = 0.009  # uniform random policy: 0.9 % of sequences hold a run of 3 (README)
+OPTIMAL_RETURN = 20.0
+THRESHOLDS = (19.0, 19.5, 19.8)
+BASELINE_ENVS = 8  # (c) and (d): sb3 defaults, with our vec env
+RUN_NAMES = ("a", "b", "b'", "c", "d")
+PERMISSIVE = dict(surrogate_tolerance=1e9, advantage_tolerance=1e9, returns_tolerance=1e9,
+                  min_entropy=0.0, max_backtracks=0)
+PERMISSIVE_KL = 1e9
+DEFAULT_OUTPUT = Path(__file__).resolve().parent / "output"
+
+
+# ---------------------------------------------------------------------------- the runs
+def slm_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """The default training's PPO hyper-parameters and policy_kwargs (no verification arguments)."""
+    return dict(
+        learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
+        n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
+        ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
+        policy_kwargs=dict(config.policy_kwargs), seed=config.seed,
+    )
+
+
+def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAlgorithm:
+    """The model of run ``name`` (see the module's docstring), with its own environment."""
+    default = TrainConfig(seed=seed)
+    config = TrainConfig(seed=seed, learning_rate=default.learning_rate * learning_rate_factor)
+    env_kwargs = TextGenConfig().as_kwargs()
+    if name == "a":
+        model = build_model(config)
+    elif name == "b":
+        model = RecurrentPPO(SLMLstmPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **slm_kwargs(config))
+    elif name == "b'":
+        model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate, kl_threshold=PERMISSIVE_KL,
+                                        verification=dict(PERMISSIVE)))
+    elif name in ("c", "d"):
+        cls, policy = (RecurrentPPO, "MlpLstmPolicy") if name == "c" else (PPO, "MlpPolicy")
+        kwargs = {}
+        if learning_rate_factor != 1.0:  # the library's default learning rate, scaled
+            kwargs["learning_rate"] = inspect.signature(cls).parameters["learning_rate"].default * learning_rate_factor
+        model = cls(policy, make_textgen_vec_env(BASELINE_ENVS, seed=seed), seed=seed, **kwargs)
+    else:
+        raise ValueError(f"run: expected one of {', '.join(RUN_NAMES)}, got {name!r}")
+    model.env_kwargs = env_kwargs
+    return model
+
+
+DESCRIPTIONS = {
+    "a": "VerifiedRecurrentPPO+SLM (default training)",
+    "b": "RecurrentPPO+SLM, unverified, fixed ent_coef",
+    "b'": "VerifiedRecurrentPPO+SLM, permissive checks",
+    "c": "RecurrentPPO MlpLstmPolicy defaults, 8 envs",
+    "d": "PPO MlpPolicy defaults, 8 envs",
+}
+
+
+class EvaluationRecorder(BaseCallback):
+    """Evaluates between rollouts every ``eval_every`` steps and at the end; stops after ``max_seconds``.
+
+    ``train_seconds`` is the wall time since training started minus the time spent evaluating.
+    """
+
+    def __init__(self, eval_every: int, n_sequences: int, seed: int, max_seconds: float) -> None:
+        super().__init__()
+        self.eval_every = eval_every
+        self.n_sequences = n_sequences
+        self.seed = seed
+        self.max_seconds = max_seconds
+        self.evaluations: list[dict[str, float]] = []
+        self.capped = False
+        self._next_eval = eval_every
+        self._eval_seconds = 0.0
+        self._start = time.perf_counter()
+
+    @property
+    def train_seconds(self) -> float:
+        return time.perf_counter() - self._start - self._eval_seconds
+
+    def _on_training_start(self) -> None:
+        self._start = time.perf_counter()
+        self._eval_seconds = 0.0
+
+    def _on_step(self) -> bool:
+        if self.train_seconds > self.max_seconds:
+            self.capped = True
+            return False
+        return True
+
+    def _on_rollout_start(self) -> None:
+        if self.num_timesteps >= self._next_eval:
+            while self._next_eval <= self.num_timesteps:
+                self._next_eval += self.eval_every
+            self._evaluate()
+
+    def _on_training_end(self) -> None:
+        if not self.evaluations or self.evaluations[-1]["timesteps"] != self.num_timesteps:
+            self._evaluate()
+
+    def _evaluate(self) -> None:
+        train_seconds = self.train_seconds
+        begin = time.perf_counter()
+        figures = evaluate_model(self.model, n_sequences=self.n_sequences, seed=self.seed + len(self.evaluations))
+        self._eval_seconds += time.perf_counter() - begin
+        self.evaluations.append({
+            "timesteps": int(self.num_timesteps),
+            "wall_time": train_seconds,
+            "mean_return": figures["mean_return"],
+            "repetition_rate": figures["repetition_rate"],
+            "entropy": figures["entropy"],
+            "distinct_sequences": figures["distinct_sequences"],
+            "diversity": figures["diversity"],
+            "verification_rate": figures["verification_rate"],
+        })
+
+
+@dataclass
+class RunResult:
+    key: str  # unique in the run set, e.g. "a" or "a x3"
+    name: str  # a, b, b', c, d
+    description: str
+    learning_rate_factor: float
+    steps: int = 0
+    train_seconds: float = 0.0
+    capped: bool = False
+    evaluations: list[dict[str, float]] = field(default_factory=list)
+    rolled_back: int | None = None
+    backtracked: int | None = None
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.train_seconds / self.steps if self.steps else math.nan
+
+    def first_reach(self, threshold: float) -> dict[str, float] | None:
+        return next((e for e in self.evaluations if e["mean_return"] >= threshold), None)
+
+    def never_worse_than_random(self) -> str:
+        later = self.evaluations[1:]
+        if not later:
+            return "n/a"
+        ok = all(e["mean_return"] >= RANDOM_POLICY_RETURN and e["repetition_rate"] <= RANDOM_POLICY_REPETITION + 1e-12
+                 for e in later)
+        return "yes" if ok else "no"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"key": self.key, "run": self.name, "description": self.description,
+                "learning_rate_factor": self.learning_rate_factor, "steps": self.steps,
+                "train_seconds": self.train_seconds, "seconds_per_step": self.seconds_per_step,
+                "capped_by_max_seconds": self.capped, "rolled_back_updates": self.rolled_back,
+                "backtracked_updates": self.backtracked, "evaluations": self.evaluations}
+
+
+def train_run(name: str, args: argparse.Namespace, learning_rate_factor: float = 1.0,
+              log: Callable[[str], None] = print) -> RunResult:
+    th.set_num_threads(1)
+    key = name if learning_rate_factor == 1.0 else f"{name} x{learning_rate_factor:g}"
+    model = build_run(name, args.seed, learning_rate_factor)
+    recorder = EvaluationRecorder(args.eval_every, args.eval_sequences, args.seed, args.max_seconds)
+    model.learn(args.steps, callback=recorder)
+    result = RunResult(key, name, DESCRIPTIONS[name], learning_rate_factor, steps=int(model.num_timesteps),
+                       train_seconds=recorder.train_seconds, capped=recorder.capped, evaluations=recorder.evaluations)
+    if isinstance(model, VerifiedRecurrentPPO):
+        result.rolled_back = sum(1 for e in model.verification_log if not e["accepted"])
+        result.backtracked = sum(1 for e in model.verification_log if e["accepted"] and e["backtracks"])
+    last = result.evaluations[-1]
+    log(f"  run {key:8s} {result.steps:>9,} steps  {result.train_seconds:7.1f} s{' (capped)' if result.capped else ''}"
+        f"  final return {last['mean_return']:.3f}  repetition {last['repetition_rate']:.1%}")
+    return result
+
+
+# ---------------------------------------------------------------------------- the report
+def _reach_cell(result: RunResult, threshold: float) -> str:
+    hit = result.first_reach(threshold)
+    return "not reached" if hit is None else f"{hit['wall_time']:.1f}s/{hit['timesteps']:,}"
+
+
+COLUMNS = ("run", "steps", "time s", "us/step", *(f"->{t:g} (s/steps)" for t in THRESHOLDS),
+           "best", "worst (rep)", "final", "final rep", "final ent", "never<random")
+
+
+def table_rows(results: list[RunResult]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        best = max(r.evaluations, key=lambda e: e["mean_return"])
+        worst = min(r.evaluations, key=lambda e: e["mean_return"])
+        last = r.evaluations[-1]
+        rows.append([
+            r.key, f"{r.steps:,}", f"{r.train_seconds:.1f}{'*' if r.capped else ''}", f"{r.seconds_per_step * 1e6:.1f}",
+            *(_reach_cell(r, t) for t in THRESHOLDS),
+            f"{best['mean_return']:.3f}", f"{worst['mean_return']:.3f} ({worst['repetition_rate']:.1%})",
+            f"{last['mean_return']:.3f}", f"{last['repetition_rate']:.1%}", f"{last['entropy']:.3f}",
+            r.never_worse_than_random(),
+        ])
+    return rows
+
+
+def format_table(results: list[RunResult]) -> str:
+    rows = [list(COLUMNS), *table_rows(results)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def overhead_line(results: list[RunResult], factor: float = 1.0) -> str | None:
+    runs = {r.name: r for r in results if r.learning_rate_factor == factor}
+    if "a" not in runs or "b'" not in runs:
+        return None
+    a, b = runs["a"], runs["b'"]
+    ratio = a.seconds_per_step / b.seconds_per_step
+    return (f"verification overhead (a vs b'): a {a.seconds_per_step * 1e6:.1f} us/step, "
+            f"b' {b.seconds_per_step * 1e6:.1f} us/step, ratio {ratio:.3f} ({ratio - 1:+.1%})")
+
+
+def worst_line(results: list[RunResult], factor: float) -> str | None:
+    runs = {r.name: r for r in results if r.learning_rate_factor == factor}
+    if "a" not in runs or "b" not in runs:
+        return None
+
+    def worst(r: RunResult) -> str:
+        e = min(r.evaluations, key=lambda e: e["mean_return"])
+        return f"{e['mean_return']:.3f} (rep {e['repetition_rate']:.1%}, at {e['timesteps']:,} steps)"
+
+    return f"worst evaluation verified vs unverified (lr x{factor:g}): a {worst(runs['a'])} vs b {worst(runs['b'])}"
+
+
+def plot(results: list[RunResult], path: Path, title: str) -> None:
+    fig, (by_time, by_steps) = plt.subplots(1, 2, figsize=(13, 5), sharey=True)
+    styles = ("-", "--", "-.", ":")  # runs that coincide (a, b, b' before any check fails) stay visible
+    for index, r in enumerate(results):
+        returns = [e["mean_return"] for e in r.evaluations]
+        style = dict(marker=".", linestyle=styles[index % len(styles)], color=f"C{index}")
+        label = f"{r.key}: {r.description}" + (f", lr x{r.learning_rate_factor:g}" if r.learning_rate_factor != 1 else "")
+        by_time.plot([e["wall_time"] for e in r.evaluations], returns, label=label, **style)
+        by_steps.plot([e["timesteps"] for e in r.evaluations], returns, label=r.key, **style)
+    for axis, xlabel in ((by_time, "wall time, evaluation excluded (s)"), (by_steps, "environment steps")):
+        axis.axhline(OPTIMAL_RETURN, color="black", linestyle="--", linewidth=1, label="optimum 20")
+        axis.axhline(RANDOM_POLICY_RETURN, color="gray", linestyle=":", linewidth=1, label=f"random {RANDOM_POLICY_RETURN}")
+        axis.set_xlabel(xlabel)
+        axis.grid(alpha=0.3)
+    by_time.set_ylabel("mean return (evaluation)")
+    by_time.legend(fontsize=7, loc="best")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- command line
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text}")
+    return value
+
+
+def _runs(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    bad = [name for name in names if name not in RUN_NAMES]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(RUN_NAMES)}, got {text!r}")
+    return list(dict.fromkeys(names))
+
+
+def _factors(text: str) -> list[float]:
+    return [_positive_float(part) for part in text.split(",") if part.strip()]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test (< 60 s)")
+    parser.add_argument("--stress", action="store_true", help="learning rate x3 and x10: verified a against unverified b")
+    parser.add_argument("--steps", type=_positive_int, default=None, help="environment steps per run (default 600,000)")
+    parser.add_argument("--max-seconds", type=_positive_float, default=None, help="wall-clock cap per run (default 300)")
+    parser.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default 25,000)")
+    parser.add_argument("--eval-sequences", type=_positive_int, default=None, help="sequences per evaluation (default 200)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--runs", type=_runs, default=None, help="subset of a,b,b',c,d (default all; a,b with --stress)")
+    parser.add_argument("--lr-factors", type=_factors, default=[3.0, 10.0], help="learning-rate factors of --stress")
+    parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT, help="where the PNG and JSON go")
+    args = parser.parse_args(argv)
+    if args.seed < 0:
+        parser.error("--seed: expected an integer >= 0")
+    if args.steps is None:
+        args.steps = 4_000 if args.quick else TrainConfig().total_timesteps
+    if args.max_seconds is None:
+        args.max_seconds = 15.0 if args.quick else 300.0
+    if args.eval_every is None:
+        args.eval_every = 2_000 if args.quick else 25_000
+    if args.eval_sequences is None:
+        args.eval_sequences = 50 if args.quick else 200
+    if args.runs is None:
+        args.runs = ["a", "b"] if args.stress else list(RUN_NAMES)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    th.set_num_threads(1)
+    factors = args.lr_factors if args.stress else [1.0]
+    mode = "stress" if args.stress else "default"
+    print(f"Learning benchmark ({mode}{', quick' if args.quick else ''}): {args.steps:,} steps per run, "
+          f"<= {args.max_seconds:g} s per run, evaluation every {args.eval_every:,} steps on {args.eval_sequences} "
+          f"sequences, seed {args.seed}, 1 thread", flush=True)
+    if args.stress:
+        print(f"learning rate x {', x'.join(f'{f:g}' for f in factors)} (default {TrainConfig().learning_rate:g})")
+    results = []
+    for factor in factors:
+        for name in args.runs:
+            results.append(train_run(name, args, factor, log=lambda line: print(line, flush=True)))
+
+    print()
+    print(format_table(results))
+    print(f"(time s: training wall time without evaluations; * = stopped by --max-seconds; ->X: wall time s / steps "
+          f"at the first evaluation with mean return >= X; never<random: return >= {RANDOM_POLICY_RETURN} and "
+          f"repetition <= {RANDOM_POLICY_REPETITION:.1%} at every evaluation after the first)")
+    for r in results:
+        if r.rolled_back is not None:
+            print(f"{r.key}: {r.rolled_back} updates rolled back, {r.backtracked} accepted after backtracking")
+    lines = [overhead_line(results)] if not args.stress else [worst_line(results, f) for f in factors]
+    for line in filter(None, lines):
+        print(line)
+
+    stem = "learning_stress" if args.stress else "learning"
+    png, data = args.output_dir / f"{stem}.png", args.output_dir / f"{stem}.json"
+    plot(results, png, f"TextGen-v0, {mode} mode, seed {args.seed}")
+    settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    data.write_text(json.dumps({"settings": settings, "random_return": RANDOM_POLICY_RETURN,
+                                "random_repetition_rate": RANDOM_POLICY_REPETITION, "optimal_return": OPTIMAL_RETURN,
+                                "runs": [r.as_dict() for r in results]}, indent=2) + "\n")
+    print(f"wrote {png} and {data}")
+
+
+if __name__ == "__main__":
+    main()

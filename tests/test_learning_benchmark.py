@@ -1,0 +1,116 @@
+"""Smoke test of ``benchmarks/learning.py``: ``--quick`` (and ``--quick --stress``) print the table and write the outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import textenv_gym
+
+REPO_ROOT = Path(textenv_gym.__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "benchmarks" / "learning.py"
+NUMBER = r"\d[\d,]*(?:\.\d+)?"
+REACH = rf"(?:not reached|{NUMBER}s/{NUMBER})"
+ROW = re.compile(
+    rf"^(?P<key>[a-d]'?(?: x[\d.]+)?)\s+(?P<steps>{NUMBER})\s+(?P<seconds>{NUMBER})\*?\s+(?P<us>{NUMBER})\s+"
+    rf"(?P<r190>{REACH})\s+(?P<r195>{REACH})\s+(?P<r198>{REACH})\s+(?P<best>{NUMBER})\s+"
+    rf"(?P<worst>{NUMBER}) \((?P<worst_rep>{NUMBER})%\)\s+(?P<final>{NUMBER})\s+(?P<final_rep>{NUMBER})%\s+"
+    rf"(?P<entropy>{NUMBER})\s+(?P<never>yes|no|n/a)$",
+    re.MULTILINE,
+)
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    env["MPLBACKEND"] = "Agg"
+    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
+                          cwd=str(REPO_ROOT), timeout=300)
+
+
+def number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+def parse_rows(out: str) -> dict[str, dict[str, str]]:
+    return {match["key"]: match.groupdict() for match in ROW.finditer(out)}
+
+
+def check_row(row: dict[str, str], run_data: dict) -> None:
+    steps, seconds = number(row["steps"]), number(row["seconds"])
+    assert steps == run_data["steps"] > 0
+    assert seconds > 0 and abs(seconds - run_data["train_seconds"]) <= 0.051
+    assert number(row["us"]) > 0
+    returns = [e["mean_return"] for e in run_data["evaluations"]]
+    best, worst, final = number(row["best"]), number(row["worst"]), number(row["final"])
+    assert worst <= final <= best <= 20.0 + 1e-9
+    assert abs(best - max(returns)) < 6e-4 and abs(worst - min(returns)) < 6e-4 and abs(final - returns[-1]) < 6e-4
+    assert 0 <= number(row["worst_rep"]) <= 100 and 0 <= number(row["final_rep"]) <= 100
+    assert 0 <= number(row["entropy"]) <= 3.92 + 1e-3  # at most log(50) nats
+    for threshold, cell in ((19.0, row["r190"]), (19.5, row["r195"]), (19.8, row["r198"])):
+        assert (cell == "not reached") == (max(returns) < threshold)
+        if cell != "not reached":
+            hit_seconds, hit_steps = (number(part) for part in cell.split("s/"))
+            assert 0 < hit_steps <= steps and 0 <= hit_seconds <= seconds + 0.05
+    evaluations = run_data["evaluations"]
+    assert [e["timesteps"] for e in evaluations] == sorted(e["timesteps"] for e in evaluations)
+    assert evaluations[-1]["timesteps"] == steps
+    if len(evaluations) < 2:
+        assert row["never"] == "n/a"
+    else:
+        ok = all(e["mean_return"] >= 18.24 and e["repetition_rate"] <= 0.009 + 1e-12 for e in evaluations[1:])
+        assert row["never"] == ("yes" if ok else "no")
+
+
+def test_quick_default_mode(tmp_path):
+    result = run("--quick", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rows = parse_rows(out)
+    assert sorted(rows) == sorted(["a", "b", "b'", "c", "d"]), out
+    data = json.loads((tmp_path / "learning.json").read_text())
+    assert (tmp_path / "learning.png").stat().st_size > 10_000
+    runs = {r["key"]: r for r in data["runs"]}
+    assert sorted(runs) == sorted(rows)
+    for key, row in rows.items():
+        check_row(row, runs[key])
+        # the quick budget: 4,000 steps, rounded up to whole rollouts
+        assert runs[key]["steps"] >= 4_000
+    overhead = re.search(rf"verification overhead \(a vs b'\): a ({NUMBER}) us/step, b' ({NUMBER}) us/step, "
+                         rf"ratio ({NUMBER}) \(([+-]{NUMBER})%\)", out)
+    assert overhead, out
+    a_us, b_us, ratio = (number(overhead.group(i)) for i in (1, 2, 3))
+    assert abs(ratio - a_us / b_us) <= 0.002 + 0.001 * ratio
+    assert abs(a_us - 1e6 * runs["a"]["seconds_per_step"]) < 0.06
+
+
+def test_quick_stress_mode(tmp_path):
+    result = run("--quick", "--stress", "--runs", "a,b", "--output-dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    rows = parse_rows(out)
+    assert sorted(rows) == ["a x10", "a x3", "b x10", "b x3"], out
+    data = json.loads((tmp_path / "learning_stress.json").read_text())
+    assert (tmp_path / "learning_stress.png").stat().st_size > 10_000
+    runs = {r["key"]: r for r in data["runs"]}
+    for key, row in rows.items():
+        check_row(row, runs[key])
+        assert runs[key]["learning_rate_factor"] == float(key.split(" x")[1])
+    for factor in ("3", "10"):
+        line = re.search(rf"worst evaluation verified vs unverified \(lr x{factor}\): a ({NUMBER}) \(rep ({NUMBER})%, "
+                         rf"at ({NUMBER}) steps\) vs b ({NUMBER}) \(rep ({NUMBER})%, at ({NUMBER}) steps\)", out)
+        assert line, out
+        assert abs(number(line.group(1)) - number(rows[f"a x{factor}"]["worst"])) < 1e-9
+        assert abs(number(line.group(4)) - number(rows[f"b x{factor}"]["worst"])) < 1e-9
+    assert "verification overhead" not in out
+
+
+def test_rejects_bad_flags(tmp_path):
+    result = run("--runs", "a,e", "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "--runs" in result.stderr
+    result = run("--max-seconds", "0", "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "--max-seconds" in result.stderr
