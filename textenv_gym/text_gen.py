@@ -12,6 +12,12 @@ from gymnasium import spaces
 from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, SequenceBatch, TextGenConfig, validate_action
 
 
+def check_render_mode(render_mode: str | None, metadata: dict) -> None:
+    """A ValueError unless ``render_mode`` is None or one of ``metadata["render_modes"]``."""
+    if render_mode is not None and render_mode not in metadata["render_modes"]:
+        raise ValueError(f"render_mode: expected None or one of {metadata['render_modes']}, got {render_mode!r}")
+
+
 def observation_space_for(config: TextGenConfig) -> spaces.Box:
     """The padded token sequence: ``max_length`` ids in ``[0, vocab_size]``, ``vocab_size`` is padding."""
     return spaces.Box(low=0, high=config.pad_id, shape=(config.max_length,), dtype=np.int64)
@@ -91,8 +97,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         vocabulary: Sequence[str] | None = None,
         render_mode: str | None = None,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
             vocab_size, max_length, repetition_penalty, repetition_window,
             forbidden_tokens, forbidden_penalty, vocabulary,

@@ -15,7 +15,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, SequenceBatch, StepOutcome, TextGenConfig, validate_actions
-from textenv_gym.text_gen import observation_space_for
+from textenv_gym.text_gen import check_render_mode, observation_space_for
 
 
 def _masked(values: dict[str, np.ndarray], masks: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -91,8 +91,7 @@ class TextGenVectorEnv(VectorEnv):
         vocabulary: Sequence[str] | None = None,
         render_mode: str | None = None,
     ) -> None:
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode: expected None or one of {self.metadata['render_modes']}, got {render_mode!r}")
+        check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
             vocab_size, max_length, repetition_penalty, repetition_window,
             forbidden_tokens, forbidden_penalty, vocabulary,

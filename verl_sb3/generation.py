@@ -44,6 +44,15 @@ def textgen_config(model: BaseAlgorithm, **overrides: Any) -> TextGenConfig:
     return config
 
 
+def _start(config: TextGenConfig, num_sequences: int, prompt: str | list[int] | None) -> tuple[SequenceBatch, list[int], int]:
+    """``num_sequences`` sequences reset to ``prompt``, the prompt's ids, and the room left after it."""
+    sequences = SequenceBatch(config, num_sequences)
+    sequences.set_prompt(prompt)
+    sequences.reset()
+    prompt_ids = sequences.tokens[0, : sequences.lengths[0]].tolist()
+    return sequences, prompt_ids, config.max_length - len(prompt_ids)
+
+
 def _check_generation_args(num_sequences: int, temperature: float, seed: int | None) -> None:
     if isinstance(num_sequences, bool) or not isinstance(num_sequences, (int, np.integer)) or num_sequences < 1:
         raise ValueError(f"num_sequences: expected an integer >= 1, got {num_sequences!r}")
@@ -99,11 +108,7 @@ def generate(
     """
     _check_generation_args(num_sequences, temperature, seed)
     config = textgen_config(model)
-    sequences = SequenceBatch(config, num_sequences)
-    sequences.set_prompt(prompt)
-    sequences.reset()
-    prompt_ids = sequences.tokens[0, : sequences.lengths[0]].tolist()
-    room = config.max_length - len(prompt_ids)
+    sequences, prompt_ids, room = _start(config, num_sequences, prompt)
     length = room if length is None else length
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 1 <= length <= room:
         raise ValueError(
@@ -148,11 +153,7 @@ def optimal_return(config: TextGenConfig, prompt: str | list[int] | None = None,
     can append a new allowed token, a new forbidden token, the last token again, or another
     already used allowed or forbidden token.
     """
-    sequences = SequenceBatch(config, 1)
-    sequences.set_prompt(prompt)
-    sequences.reset()
-    prompt_ids = sequences.tokens[0, : sequences.lengths[0]].tolist()
-    room = config.max_length - len(prompt_ids)
+    sequences, prompt_ids, room = _start(config, 1, prompt)
     length = room if length is None else length
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= room:
         raise ValueError(f"length: expected an integer in [0, {room}], got {length!r}")
