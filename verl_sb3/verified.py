@@ -49,6 +49,7 @@ class RolloutBatch:
     observations: th.Tensor | dict[str, th.Tensor]
     actions: th.Tensor
     old_values: th.Tensor
+    old_log_prob: th.Tensor
     advantages: th.Tensor
     returns: th.Tensor
     episode_starts: th.Tensor
@@ -294,7 +295,8 @@ class VerificationMixin:
 
     def _verify_current(self, batch: Any, old_distribution: Distribution) -> dict[str, CheckResult]:
         """:meth:`verify` on the current parameters; with non-finite ones, only what can be said."""
-        bad = self._count_non_finite_parameters()
+        parameters = self._parameter_vector()
+        bad = int((~th.isfinite(parameters)).sum())
         if bad:
             message = f"{bad} non-finite parameters"
             return {
@@ -302,7 +304,7 @@ class VerificationMixin:
                 **self._rollout_checks(self._update_context(batch, old_distribution, evaluate_new=False)),
                 "finite_parameters": CheckResult(False, float(bad), 0.0, message),
             }
-        return self.verify(self._update_context(batch, old_distribution))
+        return self.verify(self._update_context(batch, old_distribution, parameters=parameters))
 
     @staticmethod
     def _passed(results: dict[str, CheckResult]) -> bool:
@@ -322,6 +324,7 @@ class VerificationMixin:
             observations={k: tensor(v) for k, v in observations.items()} if isinstance(observations, dict) else tensor(observations),
             actions=tensor(buffer.actions),
             old_values=tensor(buffer.values).flatten(),
+            old_log_prob=tensor(buffer.log_probs).flatten(),
             advantages=tensor(buffer.advantages).flatten(),
             returns=tensor(buffer.returns).flatten(),
             episode_starts=tensor(buffer.episode_starts).flatten(),
@@ -344,14 +347,16 @@ class VerificationMixin:
             return batch.actions.long().flatten()
         return batch.actions
 
-    def _update_context(self, batch: Any, old_distribution: Distribution, evaluate_new: bool = True) -> UpdateContext:
+    def _update_context(
+        self, batch: Any, old_distribution: Distribution, evaluate_new: bool = True, parameters: th.Tensor | None = None
+    ) -> UpdateContext:
         """The update's context; with ``evaluate_new=False`` the new policy stands for the old one."""
         with th.no_grad():
             actions = self._batch_actions(batch)
             if evaluate_new:
                 new_distribution, new_log_prob, mask = self._policy_on_batch(batch)
             else:
-                new_distribution, new_log_prob = old_distribution, old_distribution.log_prob(actions)
+                new_distribution, new_log_prob = old_distribution, batch.old_log_prob
                 mask = self._real_samples(batch)
             return UpdateContext(
                 old_distribution=old_distribution,
@@ -361,10 +366,10 @@ class VerificationMixin:
                 advantages=batch.advantages[mask],
                 returns=batch.returns[mask],
                 values=batch.old_values[mask],
-                old_log_prob=old_distribution.log_prob(actions)[mask],
+                old_log_prob=batch.old_log_prob[mask],  # as PPO's ratio uses it
                 new_log_prob=new_log_prob[mask],
                 normalize_advantage=self.normalize_advantage,
-                parameters=[self._parameter_vector()],
+                parameters=[self._parameter_vector() if parameters is None else parameters],
                 forbidden_tokens=self.forbidden_tokens,
             )
 
