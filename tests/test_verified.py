@@ -78,6 +78,7 @@ def test_forced_failure_restores_parameters_and_optimizer_exactly(cls, policy, m
     for entry in model.verification_log:
         assert entry["rolled_back"] and not entry["accepted"]
         assert entry["kl"] > 1e-12  # the update had really moved the policy
+        assert entry["kl_max"] >= entry["kl"]
         assert entry["reason"].startswith("rolled back after 0 backtracks: kl:")
     assert model.verification_rate == 0.0
     assert not [key for key in model.logger.name_to_value if key.startswith("train/")]
@@ -164,7 +165,8 @@ def test_user_check_and_subclass_check_veto_updates():
     model.learn(64)
     entry = model.verification_log[0]
     assert entry["rolled_back"] and entry["backtracks"] == 1 and len(calls) == 2
-    assert entry["checks"]["always_fails"] == {"passed": False, "value": 1.0, "threshold": 0.0, "message": "vetoed by the user"}
+    assert entry["checks"]["always_fails"] == {
+        "passed": False, "value": 1.0, "threshold": 0.0, "message": "vetoed by the user", "details": {}}
 
     def wrong_type(ctx):
         return True

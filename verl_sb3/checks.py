@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, kl_divergence
@@ -17,12 +17,14 @@ from stable_baselines3.common.distributions import CategoricalDistribution, Dist
 
 @dataclass(frozen=True)
 class CheckResult:
-    """The verdict of one check: ``passed``, the measured ``value``, its ``threshold`` and a message."""
+    """The verdict of one check: ``passed``, the measured ``value``, its ``threshold``, a message,
+    and ``details``: other figures the check measured (such as the KL's maximum over states)."""
 
     passed: bool
     value: float
     threshold: float | None = None
     message: str = ""
+    details: dict[str, float] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -85,7 +87,7 @@ def kl_check(ctx: UpdateContext, kl_threshold: float) -> CheckResult:
     mean_kl = ctx.kl.mean().item()
     max_kl = ctx.kl.max().item() if ctx.kl.numel() else 0.0
     passed = _finite(mean_kl) and mean_kl <= kl_threshold
-    return CheckResult(passed, mean_kl, kl_threshold, f"mean KL {mean_kl:.4g} (max over states {max_kl:.4g})")
+    return CheckResult(passed, mean_kl, kl_threshold, f"mean KL {mean_kl:.4g} (max over states {max_kl:.4g})", {"max": max_kl})
 
 
 def advantage_finite_check(ctx: UpdateContext) -> CheckResult:
@@ -122,7 +124,10 @@ def surrogate_check(ctx: UpdateContext, tolerance: float) -> CheckResult:
     gain = (th.exp(log_ratio) * advantages).mean().item() - advantages.mean().item()
     aligned = advantage_alignment(ctx)
     passed = _finite(gain) and gain >= -tolerance
-    return CheckResult(passed, gain, -tolerance, f"surrogate gain {gain:.4g}; {aligned:.1%} of samples moved with their advantage")
+    return CheckResult(
+        passed, gain, -tolerance, f"surrogate gain {gain:.4g}; {aligned:.1%} of samples moved with their advantage",
+        {"advantage_alignment": aligned},
+    )
 
 
 def advantage_alignment(ctx: UpdateContext) -> float:

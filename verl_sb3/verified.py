@@ -145,6 +145,7 @@ class VerificationMixin:
         self.verification_log: list[dict[str, Any]] = []
         self._n_verified = 0
         self._n_accepted_first_try = 0
+        self._n_rolled_back = 0
         super().__init__(policy, env, *args, **kwargs)
         self.forbidden_tokens = self._resolve_forbidden_tokens(forbidden_tokens)
 
@@ -432,6 +433,7 @@ class VerificationMixin:
             "backtracks": backtracks,
             "step_size": step_size if accepted else 0.0,
             "kl": full_step["kl"].value,
+            "kl_max": full_step["kl"].details.get("max", math.nan),
             "kl_applied": final["kl"].value if accepted else 0.0,
             "entropy": full_step["entropy"].value if "entropy" in full_step else float("nan"),
             "checks": {name: result.as_dict() for name, result in full_step.items()},
@@ -439,6 +441,7 @@ class VerificationMixin:
         }
         self._n_verified += 1
         self._n_accepted_first_try += int(accepted and backtracks == 0)
+        self._n_rolled_back += int(not accepted)
         self.verification_log.append(entry)
         if self.max_log_entries is not None and len(self.verification_log) > self.max_log_entries:
             del self.verification_log[: len(self.verification_log) - self.max_log_entries]
@@ -451,7 +454,8 @@ class VerificationMixin:
         record("verl/kl", entry["kl"])
         record("verl/kl_applied", entry["kl_applied"])
         record("verl/verification_rate", self.verification_rate)
-        record("verl/n_rolled_back", self._n_verified - sum(1 for e in self.verification_log if e["accepted"]) if self.max_log_entries is None else float("nan"))
+        record("verl/n_rolled_back", self._n_rolled_back)
+        record("verl/kl_max", entry["kl_max"])
         for name, result in full_step.items():
             record(f"verl/check_{name}", result.value)
         if self.verbose >= 1 and reason:
