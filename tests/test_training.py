@@ -178,3 +178,26 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
                     accepted=0, backtracks=0, rolled_back=1)]
     path = plot_dashboard([5, 10], [-3.0, -1.0], updates, tmp_path / "negative.png", optimum=0.0, random_baseline=-2.0)
     assert png_size(path) == (1430, 935)
+
+
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        ({"seed": -1}, "seed"),
+        ({"gamma": 1.5}, "gamma"),
+        ({"gae_lambda": -0.1}, "gae_lambda"),
+        ({"clip_range": 0}, "clip_range"),
+        ({"ent_coef": float("nan")}, "ent_coef"),
+        ({"target_entropy": -1.0}, "target_entropy"),
+        ({"progress_bar": "no"}, "progress_bar"),
+        ({"verbose": 5}, "verbose"),
+        ({"output_dir": ""}, "output_dir"),
+        ({"forbidden_tokens": 5}, "forbidden_tokens"),
+        ({"env_kwargs": {"vocab_size": 10}}, "env_kwargs"),
+        ({"env_kwargs": {"colour": 1}}, "env_kwargs"),
+        ({"policy_kwargs": [1]}, "policy_kwargs"),
+    ],
+)
+def test_more_train_config_errors_name_the_field(settings, name):
+    with pytest.raises(ValueError, match=name):
+        TrainConfig(**settings)

@@ -150,19 +150,6 @@ def train_config(args: argparse.Namespace):
         return TrainConfig.from_dict(overrides)
     except yaml.YAMLError as error:
         raise ValueError(f"config {config_file!r}: not valid YAML ({_one_line(error)})") from None
-    except TypeError as error:  # e.g. env_kwargs that TextGenConfig does not take, a number where a list belongs
-        values = {**(yaml.safe_load(Path(config_file).read_text()) if config_file is not None else {}), **overrides}
-        raise ValueError(f"config: {_culprit(TrainConfig, values, error)}") from None
-
-
-def _culprit(config_class, values: dict[str, Any], error: Exception) -> str:
-    """``error``'s message, naming the first setting that ``config_class`` rejects on its own."""
-    for name, value in values.items():
-        try:
-            config_class.from_dict({name: value})
-        except (TypeError, ValueError) as own_error:
-            return f"{name}: {own_error} (got {value!r})"
-    return str(error)
 
 
 def _check_buildable(config) -> None:

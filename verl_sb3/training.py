@@ -62,19 +62,50 @@ class TrainConfig:
     verbose: int = 0
 
     def __post_init__(self) -> None:
+        def number(name: str, low: float, high: float = math.inf, open_low: bool = False) -> None:
+            value = getattr(self, name)
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not ok or value < low or value > high or (open_low and value == low):
+                bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+                raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+
         for name in ("total_timesteps", "n_envs", "n_steps", "batch_size", "n_epochs", "eval_freq", "eval_sequences",
                      "final_eval_sequences", "checkpoint_freq", "threads"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-        for name in ("learning_rate", "kl_threshold"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")
-        self.textgen = TextGenConfig(  # validates the environment's arguments now, not after setup
-            vocab_size=self.vocab_size, max_length=self.max_length,
-            forbidden_tokens=list(self.forbidden_tokens), **self.env_kwargs,
-        )
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        for name in ("learning_rate", "kl_threshold", "clip_range", "max_grad_norm"):
+            number(name, 0.0, open_low=True)
+        for name in ("gamma", "gae_lambda"):
+            number(name, 0.0, 1.0)
+        for name in ("ent_coef", "vf_coef"):
+            number(name, 0.0)
+        if self.target_entropy is not None:
+            number("target_entropy", 0.0)
+        for name in ("progress_bar",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if isinstance(self.verbose, bool) or self.verbose not in (0, 1, 2):
+            raise ValueError(f"verbose: expected 0, 1 or 2, got {self.verbose!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"output_dir: expected a folder name, got {self.output_dir!r}")
+        for name in ("policy_kwargs", "verification", "env_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}: expected a mapping of settings, got {getattr(self, name)!r}")
+        if isinstance(self.forbidden_tokens, (str, bytes)) or not isinstance(self.forbidden_tokens, (list, tuple)):
+            raise ValueError(f"forbidden_tokens: expected a list of token ids, got {self.forbidden_tokens!r}")
+        clashing = sorted({"vocab_size", "max_length", "forbidden_tokens"} & set(self.env_kwargs))
+        if clashing:
+            raise ValueError(f"env_kwargs: {clashing} are settings of their own; set them there, not in env_kwargs")
+        try:
+            self.textgen = TextGenConfig(  # validates the environment's arguments now, not after setup
+                vocab_size=self.vocab_size, max_length=self.max_length,
+                forbidden_tokens=list(self.forbidden_tokens), **self.env_kwargs,
+            )
+        except TypeError as error:
+            raise ValueError(f"env_kwargs: {error}") from None
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -148,7 +179,12 @@ class TrainingRecorder(BaseCallback):
 
     def _on_training_end(self) -> None:
         self._record_update()
-        self._csv_file.close()
+        self.close()
+
+    def close(self) -> None:
+        """Close the per-update CSV (idempotent)."""
+        if getattr(self, "_csv_file", None) is not None and not self._csv_file.closed:
+            self._csv_file.close()
 
     def _record_update(self) -> None:
         log = self.model.verification_log
@@ -223,7 +259,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     model.set_logger(configure(str(output / "logs"), _logger_formats()))
     recorder = TrainingRecorder(config, output)
     start = time.perf_counter()
-    model.learn(config.total_timesteps, callback=CallbackList([recorder]), progress_bar=config.progress_bar)
+    try:
+        model.learn(config.total_timesteps, callback=CallbackList([recorder]), progress_bar=config.progress_bar)
+    finally:
+        recorder.close()
     train_seconds = time.perf_counter() - start
     save_checkpoint(model, output / "model_checkpoints" / "final_model.zip")
 
