@@ -1,0 +1,33 @@
+"""Smoke test of ``benchmarks/verification_overhead.py``: it runs with ``--quick`` and prints its ratios."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import verl_sb3
+
+REPO_ROOT = Path(verl_sb3.__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "benchmarks" / "verification_overhead.py"
+
+
+def test_quick_overhead_benchmark_prints_both_ratios():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, env=env,
+                            cwd=str(REPO_ROOT), timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    parents = [float(x) for x in re.findall(r"parent\s+([\d.]+) us/step", out)]
+    verified = [float(x) for x in re.findall(r"verified\s+([\d.]+) us/step", out)]
+    ratios = re.findall(r"ratio\s+([\d.]+)\s+overhead ([+-][\d.]+)% \(target <= 5%\): (MET|NOT MET)", out)
+    assert len(parents) == len(verified) == len(ratios) == 2, out
+    for parent, mine, (ratio, overhead, verdict) in zip(parents, verified, ratios):
+        assert parent > 0 and mine > 0
+        assert abs(float(ratio) - mine / parent) < 0.002 + 1e-3 * float(ratio)
+        if float(overhead) != 5.0:  # the printed figure is rounded: 5.0 can be either side
+            assert (verdict == "MET") == (float(overhead) < 5.0)
+    assert ("all targets met" in out) == all(verdict == "MET" for *_, verdict in ratios)
