@@ -171,3 +171,27 @@ def test_unimportable_subclass_loads_as_its_base_with_a_warning(tmp_path):
         loaded = load_checkpoint(path)
     assert type(loaded) is VerifiedRecurrentPPO
     assert type(load_checkpoint(path, cls=LocalPPO)) is LocalPPO  # or name the class
+
+
+def test_every_truncation_names_the_file(good_file, tmp_path):
+    data = good_file.read_bytes()
+    cut = tmp_path / "cut.zip"
+    for length in range(0, len(data), max(1, len(data) // 40)):
+        cut.write_bytes(data[:length])
+        with pytest.raises(CheckpointError, match="truncated or corrupt") as caught:
+            load_checkpoint(cut)
+        assert str(cut) in str(caught.value), length
+
+
+def test_a_flipped_byte_in_an_entry_names_the_entry_and_the_file(good_file, tmp_path):
+    data = bytearray(good_file.read_bytes())
+    with zipfile.ZipFile(good_file) as archive:
+        info = archive.getinfo("policy.pth")
+    name_and_extra = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little") + int.from_bytes(
+        data[info.header_offset + 28:info.header_offset + 30], "little")
+    data[info.header_offset + 30 + name_and_extra + info.compress_size // 2] ^= 0xFF  # inside the entry's data
+    flipped = tmp_path / "flipped.zip"
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="entry 'policy.pth' is corrupt") as caught:
+        load_checkpoint(flipped)
+    assert str(flipped) in str(caught.value)

@@ -109,3 +109,11 @@ def test_forbidden_mass_raised_above_the_bound_fails():
     lowered = context(UNIFORM, -raised, forbidden_tokens=(2,))
     assert C.forbidden_mass_check(lowered, 0.05).passed  # above the bound but lower than before
     assert C.forbidden_mass_check(context(UNIFORM, UNIFORM, forbidden_tokens=(2,)), 0.5).passed
+
+
+def test_returns_too_large_or_non_finite_fail_the_return_bound():
+    assert C.return_bound_check(context(UNIFORM, UNIFORM, values=[1.0, 2.0, 3.0, 4.0]), 10.0).passed
+    spike = C.return_bound_check(context(UNIFORM, UNIFORM, returns=[0.5, 1e6, 1.0, 2.0]), 1e4)
+    assert not spike.passed and spike.value == 1e6 and "max |return| 1e+06" in spike.message
+    nan = C.return_bound_check(context(UNIFORM, UNIFORM, returns=[0.5, math.nan, 1.0, 2.0]), 1e4)
+    assert not nan.passed and "1 non-finite returns" in nan.message

@@ -1,4 +1,11 @@
-"""Saving and loading checkpoints: atomic writes, clear errors for missing or damaged files."""
+"""Saving and loading checkpoints: atomic writes, clear errors for missing or damaged files, exact resumption.
+
+SB3's ``save`` keeps the model, the optimizer, the counters and the verification log, but not
+the random generators' states nor the recurrent policy's last LSTM states. :func:`save_checkpoint`
+adds them to the zip (entry ``verl_sb3_training_state.npz``), :func:`load_checkpoint` puts them
+back, and :func:`resume_checkpoint` also reconnects the environment, so that training on
+continues exactly as if it had not stopped (see its docstring for the condition).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +13,7 @@ import importlib
 import io
 import json
 import os
+import random
 import stat
 import tempfile
 import warnings
@@ -13,21 +21,27 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 #: Extra entry in the SB3 zip naming the algorithm class (SB3's loader ignores non-.pth entries).
 METADATA_ENTRY = "verl_sb3.json"
+#: Extra entry holding what resuming needs besides SB3's save: random generators, last LSTM states.
+TRAINING_STATE_ENTRY = "verl_sb3_training_state.npz"
 
 
 class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded: missing, truncated or corrupt."""
 
 
-def save_checkpoint(model: BaseAlgorithm, path: str | Path) -> Path:
+def save_checkpoint(model: BaseAlgorithm, path: str | Path, training_state: bool = True) -> Path:
     """Save ``model`` to ``path`` (``.zip`` added if missing) atomically.
 
     The model is written to a temporary file in the same folder, flushed to disk, then renamed
-    over ``path``: a crash mid-save leaves any earlier file at ``path`` intact.
+    over ``path``: a crash mid-save leaves any earlier file at ``path`` intact. With
+    ``training_state`` (the default) the random generators' states (Python, numpy, torch, the
+    model's action space) and the last LSTM states are saved too, for :func:`resume_checkpoint`.
     """
     path = Path(path)
     if path.suffix != ".zip":
@@ -41,6 +55,8 @@ def save_checkpoint(model: BaseAlgorithm, path: str | Path) -> Path:
             # Importable fallbacks when the class itself is not (e.g. defined in a script's __main__).
             "bases": [_class_name(c) for c in type(model).__mro__[1:] if issubclass(c, BaseAlgorithm)],
         }))
+        if training_state:
+            archive.writestr(TRAINING_STATE_ENTRY, _training_state_bytes(model))
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
@@ -94,12 +110,18 @@ def _algorithm_class(path: Path) -> type[BaseAlgorithm]:
         raise
 
 
-def load_checkpoint(path: str | Path, env: Any = None, cls: type[BaseAlgorithm] | None = None, **kwargs: Any) -> BaseAlgorithm:
+def load_checkpoint(
+    path: str | Path, env: Any = None, cls: type[BaseAlgorithm] | None = None, restore_training_state: bool = True, **kwargs: Any
+) -> BaseAlgorithm:
     """Load a checkpoint written by :func:`save_checkpoint` (or SB3's ``save``).
 
     :param path: the ``.zip`` file.
     :param env: environment to attach (optional, as for SB3's ``load``).
     :param cls: the algorithm class; by default the one recorded in the checkpoint.
+    :param restore_training_state: put back the random generators' states (global: Python's,
+        numpy's and torch's) and the last LSTM states saved with the checkpoint, when it has them.
+        SB3's ``load`` itself reseeds the global generators with the model's seed.
+    :param kwargs: passed to the class's ``load``.
     :raises CheckpointError: naming the file when it is missing, truncated or corrupt.
     """
     path = Path(path)
@@ -118,8 +140,141 @@ def load_checkpoint(path: str | Path, env: Any = None, cls: type[BaseAlgorithm] 
                 raise CheckpointError(f"checkpoint {str(path)!r}: entry {damaged!r} is corrupt")
             if "data" not in archive.namelist():
                 raise CheckpointError(f"checkpoint {str(path)!r}: not a Stable-Baselines3 model (no 'data' entry)")
-        return (cls or _algorithm_class(path)).load(path, env=env, **kwargs)
+        model = (cls or _algorithm_class(path)).load(path, env=env, **kwargs)
+        if restore_training_state:
+            with zipfile.ZipFile(path) as archive:
+                if TRAINING_STATE_ENTRY in archive.namelist():
+                    _restore_training_state(model, archive.read(TRAINING_STATE_ENTRY), path)
+        return model
     except CheckpointError:
         raise
     except Exception as error:  # zipfile, json, pickle and torch each raise their own kind
         raise CheckpointError(f"checkpoint {str(path)!r}: cannot be loaded ({type(error).__name__}: {error})") from error
+
+
+def resume_checkpoint(path: str | Path, env: Any, cls: type[BaseAlgorithm] | None = None, exact: bool = True, **kwargs: Any) -> BaseAlgorithm:
+    """Load a checkpoint to train on, as if training had not stopped.
+
+    Then ``model.learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False)`` gives,
+    on the CPU with the same library versions, bit for bit the run that was not interrupted
+    (parameters, optimizer, verification log, ``ent_coef``, counters), when the checkpoint was
+    written by :func:`save_checkpoint` between two updates (after ``learn`` returned, or from a
+    callback's ``_on_rollout_start``, as :class:`verl_sb3.training.TrainingRecorder` does) with
+    every environment at the start of an episode.
+
+    The environments' own state is not saved (a ``VecEnv`` has no general way to give it), so
+    exactness needs that episode boundary: TextGen-v0 episodes have a fixed length, and with
+    ``n_steps`` a multiple of ``max_length`` every rollout ends on one. ``env`` is then reset,
+    and its first observation must be the one recorded in the checkpoint.
+
+    :param path: the ``.zip`` file.
+    :param env: the environment to train on: built as the checkpointed one (same settings and
+        number of environments).
+    :param cls: the algorithm class; by default the one recorded in the checkpoint.
+    :param exact: when False, a checkpoint taken mid-episode or an environment that starts
+        differently only warns: training goes on from freshly reset environments.
+    :raises CheckpointError: naming the file when it cannot be loaded, holds no training state,
+        or (with ``exact``) cannot be resumed exactly.
+    """
+    path = Path(path)
+    model = load_checkpoint(path, env=env, cls=cls, force_reset=False, **kwargs)
+    with zipfile.ZipFile(path) as archive:
+        if TRAINING_STATE_ENTRY not in archive.namelist():
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: holds no training state (random generators; written by SB3's save or "
+                "save_checkpoint(training_state=False)): it cannot be resumed exactly; load_checkpoint() it instead"
+            )
+    problems = []
+    starts, saved_obs = getattr(model, "_last_episode_starts", None), model._last_obs
+    observation = model.env.reset()
+    if starts is not None or saved_obs is not None:  # else saved before any training: a fresh start, as the run's own
+        mid_episode = len(starts) - int(np.sum(starts)) if starts is not None else model.env.num_envs
+        if mid_episode:
+            problems.append(f"{mid_episode} of {model.env.num_envs} environments were mid-episode when it was saved, "
+                            "and the environments' state is not saved")
+        elif not _same_observation(observation, saved_obs):
+            problems.append("the environment starts its episodes differently from the checkpointed one")
+    if problems:
+        message = f"checkpoint {str(path)!r}: cannot resume exactly: {'; '.join(problems)}"
+        if exact:
+            raise CheckpointError(f"{message}. Pass exact=False to go on from freshly reset environments.")
+        warnings.warn(f"{message}; going on from freshly reset environments", stacklevel=2)
+    model._last_obs = observation
+    model._last_episode_starts = np.ones((model.env.num_envs,), dtype=bool)
+    return model
+
+
+def _same_observation(a: Any, b: Any) -> bool:
+    if isinstance(a, dict) or isinstance(b, dict):
+        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(
+            np.array_equal(a[k], b[k]) for k in a)
+    return a is not None and b is not None and np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def _tensor_leaves(value: Any) -> list[th.Tensor]:
+    """The tensors of nested tuples (such as sb3-contrib's ``RNNStates``), in order."""
+    if isinstance(value, th.Tensor):
+        return [value]
+    return [leaf for item in value for leaf in _tensor_leaves(item)]
+
+
+def _rebuild(template: Any, leaves: Any) -> Any:
+    """``template``'s nested tuples with its tensors replaced, in order, by ``leaves``."""
+    if isinstance(template, th.Tensor):
+        return next(leaves)
+    items = [_rebuild(item, leaves) for item in template]
+    return type(template)(*items) if hasattr(template, "_fields") else type(template)(items)
+
+
+def _training_state_bytes(model: BaseAlgorithm) -> bytes:
+    """The random generators' states and the last LSTM states, as an ``.npz`` (no pickles)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state(legacy=True)
+    space_rng = getattr(model.action_space, "_np_random", None)
+    lstm_states = getattr(model, "_last_lstm_states", None)
+    leaves = _tensor_leaves(lstm_states) if lstm_states is not None else []
+    meta = {
+        "format": 1,
+        "python_random": {"version": version, "gauss_next": gauss_next},
+        "numpy_random": {"name": name, "pos": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "action_space_random": None if space_rng is None else space_rng.bit_generator.state,
+        "last_lstm_states": len(leaves) if lstm_states is not None else None,
+    }
+    arrays = {
+        "meta": np.array(json.dumps(meta)),
+        "python_random": np.array(internal, dtype=np.uint32),
+        "numpy_random": np.asarray(keys, dtype=np.uint32),
+        "torch_random": th.get_rng_state().numpy(),
+    }
+    for index, leaf in enumerate(leaves):
+        arrays[f"last_lstm_states_{index}"] = leaf.detach().cpu().numpy()
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
+
+
+def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> None:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        arrays = {name: archive[name] for name in archive.files}
+    meta = json.loads(str(arrays["meta"]))
+    if meta.get("format") != 1:
+        raise CheckpointError(f"checkpoint {str(path)!r}: training state of unknown format {meta.get('format')!r}")
+    python = meta["python_random"]
+    random.setstate((python["version"], tuple(int(x) for x in arrays["python_random"]), python["gauss_next"]))
+    legacy = meta["numpy_random"]
+    np.random.set_state((legacy["name"], arrays["numpy_random"], legacy["pos"], legacy["has_gauss"], legacy["cached_gaussian"]))
+    th.set_rng_state(th.from_numpy(arrays["torch_random"].copy()))
+    space_state = meta["action_space_random"]
+    if space_state is not None and model.action_space is not None:
+        generator = np.random.Generator(getattr(np.random, space_state["bit_generator"])())
+        generator.bit_generator.state = space_state
+        model.action_space._np_random = generator
+    template = getattr(model, "_last_lstm_states", None)
+    count = meta["last_lstm_states"]
+    if count is not None and template is not None:
+        leaves = [th.as_tensor(arrays[f"last_lstm_states_{index}"], device=model.device) for index in range(count)]
+        current = _tensor_leaves(template)
+        # Another number of environments (a checkpoint loaded for another use): the states do not
+        # apply; the policy starts every sequence from zero at an episode start anyway.
+        if len(current) == len(leaves) and all(a.shape == b.shape for a, b in zip(current, leaves)):
+            model._last_lstm_states = _rebuild(template, iter(leaves))

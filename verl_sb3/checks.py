@@ -53,7 +53,9 @@ class UpdateContext:
     forbidden_tokens: Sequence[int] = ()
 
     def __post_init__(self) -> None:
-        self.kl = kl_divergence(self.old_distribution, self.new_distribution)[self.mask]
+        # KL >= 0; float32 rounding can give -5e-7 for one distribution written with shifted logits.
+        # clamp_min keeps NaN, which the checks must see.
+        self.kl = kl_divergence(self.old_distribution, self.new_distribution)[self.mask].clamp_min(0.0)
         self.entropy = self.new_distribution.entropy()
         self.entropy = self.entropy[self.mask] if self.entropy is not None else -self.new_log_prob
 
@@ -94,6 +96,20 @@ def advantage_finite_check(ctx: UpdateContext) -> CheckResult:
     """Advantages, returns and values are all finite."""
     bad = sum(int((~th.isfinite(t)).sum()) for t in (ctx.advantages, ctx.returns, ctx.values))
     return CheckResult(bad == 0, float(bad), 0.0, f"{bad} non-finite advantages, returns or values")
+
+
+def return_bound_check(ctx: UpdateContext, max_abs_return: float) -> CheckResult:
+    """Every return is finite and at most ``max_abs_return`` in absolute value.
+
+    The other checks cannot see the scale of the rewards: PPO normalises the advantages, so a
+    reward spike (say 1e6 at one step) passes them all while the value loss, and the critic's
+    Adam moments, take its full size. An absolute bound is used because a relative one would be
+    judged on the batch's own (possibly corrupt) statistics.
+    """
+    bad = int((~th.isfinite(ctx.returns)).sum())
+    largest = ctx.returns.abs().max().item() if ctx.returns.numel() else 0.0
+    passed = bad == 0 and largest <= max_abs_return
+    return CheckResult(passed, largest, max_abs_return, f"max |return| {largest:.4g}; {bad} non-finite returns")
 
 
 def returns_match_check(ctx: UpdateContext, tolerance: float) -> CheckResult:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -31,6 +32,8 @@ DEFAULT_MAX_FORBIDDEN_PROB = 0.05
 DEFAULT_RETURNS_TOLERANCE = 1e-4
 DEFAULT_ADVANTAGE_TOLERANCE = 0.05
 DEFAULT_SURROGATE_TOLERANCE = 0.02
+#: Bound on |return|: 500 times the default run's largest return (20), far below a corrupt reward.
+DEFAULT_MAX_ABS_RETURN = 1e4
 DEFAULT_MAX_BACKTRACKS = 5
 DEFAULT_BACKTRACK_RATIO = 0.5
 DEFAULT_ENTROPY_COEF_RATE = 0.01
@@ -113,6 +116,7 @@ class VerificationMixin:
         returns_tolerance: float = DEFAULT_RETURNS_TOLERANCE,
         advantage_tolerance: float = DEFAULT_ADVANTAGE_TOLERANCE,
         surrogate_tolerance: float = DEFAULT_SURROGATE_TOLERANCE,
+        max_abs_return: float | None = DEFAULT_MAX_ABS_RETURN,
         max_backtracks: int = DEFAULT_MAX_BACKTRACKS,
         backtrack_ratio: float = DEFAULT_BACKTRACK_RATIO,
         checks: Sequence[Callable[[UpdateContext], CheckResult]] = (),
@@ -127,6 +131,7 @@ class VerificationMixin:
         self.returns_tolerance = _number("returns_tolerance", returns_tolerance, 0.0)
         self.advantage_tolerance = _number("advantage_tolerance", advantage_tolerance, 0.0)
         self.surrogate_tolerance = _number("surrogate_tolerance", surrogate_tolerance, 0.0)
+        self.max_abs_return = None if max_abs_return is None else _number("max_abs_return", max_abs_return, 0.0, open_low=True)
         if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, (int, np.integer)) or max_backtracks < 0:
             raise ValueError(f"max_backtracks: expected an integer >= 0, got {max_backtracks!r}")
         self.max_backtracks = int(max_backtracks)
@@ -146,6 +151,10 @@ class VerificationMixin:
         self._n_verified = 0
         self._n_accepted_first_try = 0
         self._n_rolled_back = 0
+        # The policy and optimizer state after the last verified update (or at the start): what
+        # parameters found non-finite between updates are restored to. Never saved.
+        self._last_good: tuple[dict[str, th.Tensor], dict[str, Any], str] | None = None
+        self._recovery: str | None = None  # such a restoration, reported in the next log entry
         super().__init__(policy, env, *args, **kwargs)
         self.forbidden_tokens = self._resolve_forbidden_tokens(forbidden_tokens)
 
@@ -196,11 +205,14 @@ class VerificationMixin:
 
     def _rollout_checks(self, ctx: UpdateContext) -> dict[str, CheckResult]:
         """The checks of the rollout's advantages, returns and values (independent of the update)."""
-        return {
+        results = {
             "advantage_finite": C.advantage_finite_check(ctx),
             "returns_match": C.returns_match_check(ctx, self.returns_tolerance),
             "advantage_normalization": C.advantage_normalization_check(ctx, self.advantage_tolerance),
         }
+        if self.max_abs_return is not None:
+            results["return_bound"] = C.return_bound_check(ctx, self.max_abs_return)
+        return results
 
     # ------------------------------------------------------------------ the update
     def collect_rollouts(self, *args: Any, **kwargs: Any) -> bool:
@@ -208,7 +220,12 @@ class VerificationMixin:
 
         They are the old policy's distribution on the rollout, which verification then needs
         without a second forward pass (Discrete actions; other spaces recompute it).
+
+        Parameters found non-finite before the collection are restored to the last verified
+        state first (see :meth:`_recover_non_finite_parameters`); parameters that become
+        non-finite during it raise a RuntimeError that says so.
         """
+        self._recover_non_finite_parameters("before collecting a rollout")
         policy, forward, captured = self.policy, self.policy.forward, []
 
         def recording_forward(*f_args: Any, **f_kwargs: Any) -> Any:
@@ -220,19 +237,30 @@ class VerificationMixin:
         policy.forward = recording_forward
         try:
             return super().collect_rollouts(*args, **kwargs)
+        except (ValueError, RuntimeError) as error:
+            bad = self._count_non_finite_parameters()
+            if bad:
+                raise RuntimeError(
+                    f"finite_parameters: {bad} policy parameters ({', '.join(self._non_finite_parameter_names())}) became "
+                    f"non-finite while collecting a rollout, at timestep {self.num_timesteps}: the rollout cannot be used"
+                ) from error
+            raise
         finally:
             del policy.forward
             self._rollout_logits = captured
 
     def _excluded_save_params(self) -> list[str]:
-        return [*super()._excluded_save_params(), "_rollout_logits"]
+        return [*super()._excluded_save_params(), "_rollout_logits", "_last_good"]
 
     def train(self) -> None:
         """PPO's update, then verification; a failing update is backtracked, else rolled back.
 
         An update that makes the parameters non-finite fails verification even when PPO's own
         loop raised on them (torch refuses NaN logits): it is rolled back and training goes on.
+        Parameters already non-finite before the update (changed since the last one) are first
+        restored to the last verified state.
         """
+        self._recover_non_finite_parameters("before the update")
         batch = self._rollout_batch()
         snapshot = self._take_snapshot()
         old_distribution = self._old_distribution(batch)
@@ -273,6 +301,7 @@ class VerificationMixin:
         if not accepted:
             self._restore(snapshot)
         self._report(full_step, results, accepted, backtracks, step_size)
+        self._last_good = self._copy_state(f"after update {self._n_verified - 1}")
         if accepted:
             self._adapt_entropy_coefficient(results["entropy"].value if "entropy" in results else math.nan)
 
@@ -293,6 +322,42 @@ class VerificationMixin:
 
     def _count_non_finite_parameters(self) -> int:
         return int((~th.isfinite(self._parameter_vector())).sum())
+
+    def _non_finite_parameter_names(self) -> list[str]:
+        return [name for name, p in self.policy.named_parameters() if not bool(th.isfinite(p).all())]
+
+    def _copy_state(self, label: str) -> tuple[dict[str, th.Tensor], dict[str, Any], str]:
+        """A copy of the policy's and the optimizer's state, labelled (about 0.2 ms for the default SLM)."""
+        policy = {name: tensor.clone() for name, tensor in self.policy.state_dict().items()}
+        return policy, _clone_state(self.policy.optimizer.state_dict()), label
+
+    def _recover_non_finite_parameters(self, where: str) -> None:
+        """Restore the last verified state when the parameters are found non-finite ``where``.
+
+        Something outside the update (a callback, a user's code, a memory fault) broke them since
+        the last verified update: rolling back the next update would only return to the broken
+        state. The policy and the optimizer state go back to their copy taken after the last
+        verified update (or at the start of training); a RuntimeWarning is issued, the logger
+        records ``verl/recovered`` and the next log entry's ``recovered`` says what was done.
+        With no such copy (broken before the first check), a RuntimeError is raised.
+        """
+        bad = self._count_non_finite_parameters()
+        if not bad:
+            if self._last_good is None:
+                self._last_good = self._copy_state("at the start of training")
+            return
+        message = (f"finite_parameters: {bad} non-finite parameters ({', '.join(self._non_finite_parameter_names())}) "
+                   f"found {where}, at timestep {self.num_timesteps}")
+        if self._last_good is None:
+            raise RuntimeError(f"{message}; no verified state to restore")
+        policy, optimizer, label = self._last_good
+        self.policy.load_state_dict(policy)
+        # A copy: the optimizer may keep the given tensors and update them in place.
+        self.policy.optimizer.load_state_dict(_clone_state(optimizer))
+        message = f"{message}; restored the last verified state ({label})"
+        self._recovery = message if self._recovery is None else f"{self._recovery}; {message}"
+        self.logger.record("verl/recovered", 1.0)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
 
     def _verify_current(self, batch: Any, old_distribution: Distribution) -> dict[str, CheckResult]:
         """:meth:`verify` on the current parameters; with non-finite ones, only what can be said."""
@@ -438,7 +503,9 @@ class VerificationMixin:
             "entropy": full_step["entropy"].value if "entropy" in full_step else float("nan"),
             "checks": {name: result.as_dict() for name, result in full_step.items()},
             "reason": reason,
+            "recovered": self._recovery,
         }
+        self._recovery = None
         self._n_verified += 1
         self._n_accepted_first_try += int(accepted and backtracks == 0)
         self._n_rolled_back += int(not accepted)
@@ -470,7 +537,8 @@ class VerifiedPPO(VerificationMixin, PPO):
     After each ``train()``, on every state of the rollout just used, the update must pass:
 
     - ``kl``: exact mean KL(old || new) over the full action distribution <= ``kl_threshold``;
-    - ``advantage_finite``, ``returns_match`` (returns = advantages + values, to ``returns_tolerance``),
+    - ``return_bound`` (returns finite, |return| <= ``max_abs_return``), ``advantage_finite``,
+      ``returns_match`` (returns = advantages + values, to ``returns_tolerance``),
       ``advantage_normalization`` (normalised advantages: mean 0 and std 1, to ``advantage_tolerance``),
       ``surrogate`` (mean(ratio * A) - mean(A) >= -``surrogate_tolerance``);
     - ``finite_parameters``, ``entropy`` (mean entropy >= ``min_entropy``), and, with
@@ -492,6 +560,8 @@ class VerifiedPPO(VerificationMixin, PPO):
     :param returns_tolerance: largest accepted |returns - (advantages + values)|, relative to the returns' scale.
     :param advantage_tolerance: largest accepted deviation of normalised advantages from mean 0 / std 1.
     :param surrogate_tolerance: largest accepted decrease of the surrogate objective.
+    :param max_abs_return: largest accepted |return| of the rollout (rewards and the critic's
+        bootstrap together), > 0, or None to skip the check; non-finite returns always fail.
     :param max_backtracks: how many shorter steps to try before rolling back, >= 0.
     :param backtrack_ratio: step shrink factor per backtrack, in (0, 1).
     :param checks: extra checks: callables ``check(ctx: UpdateContext) -> CheckResult``.

@@ -1,0 +1,59 @@
+"""Smoke test of ``benchmarks/soak.py``: ``--quick`` prints its memory table, the log's cost and the bound check."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import textenv_gym
+
+REPO_ROOT = Path(textenv_gym.__file__).resolve().parent.parent
+SCRIPT = REPO_ROOT / "benchmarks" / "soak.py"
+ROW = re.compile(
+    r"^\s*(?P<steps>[\d,]+)\s+(?P<updates>[\d,]+)\s+(?P<wall>[\d.]+)\s+(?P<rate>[\d,]+)\s+(?P<rss>[\d.]+)\s+"
+    r"(?P<peak>[\d.]+)\s+(?P<entries>[\d,]+)\s+(?P<kb>[\d.]+)\s+(?P<per_entry>[\d.]+|nan)\s+(?P<accepted>[\d.]+)%$",
+    re.MULTILINE,
+)
+
+
+def rows(out: str) -> list[dict[str, float]]:
+    return [{k: float(v.replace(",", "")) for k, v in m.groupdict().items()} for m in ROW.finditer(out)]
+
+
+def load_soak():
+    spec = importlib.util.spec_from_file_location("soak", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quick_soak_reports_memory_and_an_unbounded_log(capsys):
+    assert load_soak().main(["--quick", "--steps", "1600", "--interval", "480"]) == 0
+    out = capsys.readouterr().out
+    table = rows(out)
+    assert [row["steps"] for row in table] == [480, 960, 1440, 1600]  # every interval, and the end
+    for row in table:
+        assert row["entries"] == row["updates"] == row["steps"] / 160  # one entry per update: unbounded
+        assert row["rss"] > 0 and row["peak"] >= row["rss"] * 0.99 and row["kb"] > 0
+    assert "the log is unbounded (max_log_entries=None)" in out
+    entry = re.search(r"one log entry \((\d+) checks\): ([\d,]+) bytes pickled, ([\d,]+) bytes in memory", out)
+    assert entry and int(entry[1]) >= 8 and 200 < int(entry[2].replace(",", "")) < 10_000
+    assert ": BOUNDED" in out
+
+
+def test_quick_soak_with_a_bounded_log_from_the_command_line():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--max-log-entries", "4", "--bound", "3"],
+                            capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    table = rows(out)
+    assert len(table) == 10 and table[-1]["steps"] == 4800 and table[-1]["updates"] == 30
+    assert [row["entries"] for row in table] == [3, 4, 4, 4, 4, 4, 4, 4, 4, 4]
+    assert "the log is bounded: at most 4 entries" in out
+    assert re.search(r"max_log_entries=3 check: 9 updates .*: BOUNDED$", out, re.MULTILINE)
