@@ -180,3 +180,32 @@ def test_forbidden_mass_is_a_probability(pair, data):
     # Passing: within the bound, or not higher than before the update.
     old_mass = float(ctx.probabilities("old")[:, list(tokens)].sum(dim=1).mean())
     assert result.passed == (result.value <= 0.05 or result.value <= old_mass)
+
+
+# ---------------------------------------------------------------- environment reward bounds
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_every_reward_lies_within_the_documented_bounds(data):
+    """TextGenEnv's manual: one step's reward lies in
+    [1 / max_length + min(repetition_penalty, 0) + min(forbidden_penalty, 0), 1 + max(repetition_penalty, 0) + max(forbidden_penalty, 0)]."""
+    from textenv_gym import TextGenEnv
+
+    vocab_size = data.draw(st.integers(2, 12), label="vocab_size")
+    max_length = data.draw(st.integers(1, 15), label="max_length")
+    repetition_penalty = data.draw(st.floats(-3, 3, allow_nan=False), label="repetition_penalty")
+    forbidden_penalty = data.draw(st.floats(-3, 3, allow_nan=False), label="forbidden_penalty")
+    forbidden = data.draw(st.lists(st.integers(0, vocab_size - 1), max_size=vocab_size - 1, unique=True), label="forbidden")
+    env = TextGenEnv(
+        vocab_size=vocab_size, max_length=max_length, repetition_penalty=repetition_penalty,
+        repetition_window=data.draw(st.integers(2, 5), label="window"), forbidden_tokens=forbidden,
+        forbidden_penalty=forbidden_penalty,
+    )
+    prompt = data.draw(st.lists(st.integers(0, vocab_size - 1), max_size=max_length - 1), label="prompt")
+    env.reset(options={"prompt": prompt})
+    low = 1 / max_length + min(repetition_penalty, 0) + min(forbidden_penalty, 0)
+    high = 1 + max(repetition_penalty, 0) + max(forbidden_penalty, 0)
+    terminated = False
+    while not terminated:
+        _, reward, terminated, truncated, _ = env.step(data.draw(st.integers(0, vocab_size - 1), label="action"))
+        assert low - 1e-12 <= reward <= high + 1e-12
+        assert not truncated

@@ -326,3 +326,15 @@ def test_old_distribution_recorded_during_collection_equals_a_fresh_forward_pass
     model = Compare(policy, make_env(), **kwargs)
     model.learn(3 * 16 * 3)
     assert compared == [True] * 3 and len(model.verification_log) == 3
+
+
+def test_non_finite_parameter_count_is_exact_even_when_a_sum_overflows():
+    model = VerifiedPPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
+    weight = next(model.policy.parameters())
+    assert model._count_non_finite_parameters() == 0
+    with th.no_grad():
+        weight.fill_(3e38)  # every value finite, but their sum overflows to inf
+    assert model._count_non_finite_parameters() == 0
+    with th.no_grad():
+        weight.view(-1)[:3] = th.tensor([math.nan, math.inf, -math.inf])
+    assert model._count_non_finite_parameters() == 3

@@ -154,7 +154,7 @@ def advantage_alignment(ctx: UpdateContext) -> float:
 
 def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
     """Every policy parameter and every new action log-probability is finite."""
-    bad = sum(int((~th.isfinite(p)).sum()) for p in ctx.parameters)
+    bad = int(sum((~th.isfinite(p)).sum() for p in ctx.parameters)) if ctx.parameters else 0
     probabilities = ctx.probabilities("new")
     bad_probs = int((~th.isfinite(probabilities)).sum()) if probabilities is not None else int((~th.isfinite(ctx.new_log_prob)).sum())
     total = bad + bad_probs

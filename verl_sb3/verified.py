@@ -317,11 +317,19 @@ class VerificationMixin:
         self.ent_coef = max(0.0, float(self.ent_coef) + self.entropy_coef_rate * (self.target_entropy - entropy))
         self.logger.record("verl/ent_coef", self.ent_coef)
 
-    def _parameter_vector(self) -> th.Tensor:
-        return th.nn.utils.parameters_to_vector(p.detach() for p in self.policy.parameters())
+    def _parameters(self) -> list[th.Tensor]:
+        return [p.detach() for p in self.policy.parameters()]
 
     def _count_non_finite_parameters(self) -> int:
-        return int((~th.isfinite(self._parameter_vector())).sum())
+        """How many parameter values are NaN or infinite (0 quickly when all are finite).
+
+        A tensor's sum is non-finite whenever one of its values is, so finite sums settle the
+        common case at the cost of one sum per tensor; only otherwise are the values counted.
+        """
+        parameters = self._parameters()
+        if bool(th.isfinite(th.stack([p.sum() for p in parameters])).all()):
+            return 0
+        return int(sum((~th.isfinite(p)).sum() for p in parameters))
 
     def _non_finite_parameter_names(self) -> list[str]:
         return [name for name, p in self.policy.named_parameters() if not bool(th.isfinite(p).all())]
@@ -361,8 +369,7 @@ class VerificationMixin:
 
     def _verify_current(self, batch: Any, old_distribution: Distribution) -> dict[str, CheckResult]:
         """:meth:`verify` on the current parameters; with non-finite ones, only what can be said."""
-        parameters = self._parameter_vector()
-        bad = int((~th.isfinite(parameters)).sum())
+        bad = self._count_non_finite_parameters()
         if bad:
             message = f"{bad} non-finite parameters"
             return {
@@ -370,7 +377,7 @@ class VerificationMixin:
                 **self._rollout_checks(self._update_context(batch, old_distribution, evaluate_new=False)),
                 "finite_parameters": CheckResult(False, float(bad), 0.0, message),
             }
-        return self.verify(self._update_context(batch, old_distribution, parameters=parameters))
+        return self.verify(self._update_context(batch, old_distribution))
 
     @staticmethod
     def _passed(results: dict[str, CheckResult]) -> bool:
@@ -413,9 +420,7 @@ class VerificationMixin:
             return batch.actions.long().flatten()
         return batch.actions
 
-    def _update_context(
-        self, batch: Any, old_distribution: Distribution, evaluate_new: bool = True, parameters: th.Tensor | None = None
-    ) -> UpdateContext:
+    def _update_context(self, batch: Any, old_distribution: Distribution, evaluate_new: bool = True) -> UpdateContext:
         """The update's context; with ``evaluate_new=False`` the new policy stands for the old one."""
         with th.no_grad():
             actions = self._batch_actions(batch)
@@ -435,7 +440,7 @@ class VerificationMixin:
                 old_log_prob=batch.old_log_prob[mask],  # as PPO's ratio uses it
                 new_log_prob=new_log_prob[mask],
                 normalize_advantage=self.normalize_advantage,
-                parameters=[self._parameter_vector() if parameters is None else parameters],
+                parameters=self._parameters(),
                 forbidden_tokens=self.forbidden_tokens,
             )
 
