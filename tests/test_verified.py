@@ -301,7 +301,7 @@ def test_target_entropy_needs_the_entropy_check():
 @pytest.mark.parametrize(
     "cls, policy, make_env, kwargs",
     [
-        (VerifiedPPO, "MlpPolicy", lambda: textgen(3), dict(SMALL_PPO, n_steps=16)),
+        (VerifiedPPO, "MlpPolicy", lambda: textgen(3), dict(SMALL_PPO, n_steps=16, batch_size=48)),
         (VerifiedRecurrentPPO, "SLMLstmPolicy", lambda: textgen(3), dict(
             SMALL_RECURRENT, n_steps=16, policy_kwargs=dict(lstm_hidden_size=16, embedding_dim=8))),
     ],
