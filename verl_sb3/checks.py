@@ -55,7 +55,7 @@ class UpdateContext:
     def __post_init__(self) -> None:
         # KL >= 0; float32 rounding can give -5e-7 for one distribution written with shifted logits.
         # clamp_min keeps NaN, which the checks must see.
-        self.kl = kl_divergence(self.old_distribution, self.new_distribution)[self.mask].clamp_min(0.0)
+        self.kl = _kl(self.old_distribution, self.new_distribution)[self.mask].clamp_min(0.0)
         self.entropy = self.new_distribution.entropy()
         self.entropy = self.entropy[self.mask] if self.entropy is not None else -self.new_log_prob
 
@@ -78,6 +78,15 @@ class UpdateContext:
 
 
 Check = Callable[[UpdateContext], CheckResult]
+
+
+def _kl(old: Distribution, new: Distribution) -> th.Tensor:
+    """Exact KL(old || new) per state: over all logits for Categorical, else SB3's ``kl_divergence``."""
+    if isinstance(old, CategoricalDistribution) and isinstance(new, CategoricalDistribution):
+        old_log_p, new_log_p = old.distribution.logits, new.distribution.logits  # normalised log-probabilities
+        terms = old_log_p.exp() * (old_log_p - new_log_p)
+        return th.where(old_log_p == -math.inf, 0.0, terms).sum(dim=-1)  # 0 * log(0 / q) = 0
+    return kl_divergence(old, new)
 
 
 def _finite(value: float) -> bool:
@@ -154,7 +163,8 @@ def advantage_alignment(ctx: UpdateContext) -> float:
 
 def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
     """Every policy parameter and every new action log-probability is finite."""
-    bad = int(sum((~th.isfinite(p)).sum() for p in ctx.parameters)) if ctx.parameters else 0
+    all_finite = not ctx.parameters or bool(th.isfinite(th.stack([p.sum() for p in ctx.parameters])).all())
+    bad = 0 if all_finite else int(sum((~th.isfinite(p)).sum() for p in ctx.parameters))
     probabilities = ctx.probabilities("new")
     bad_probs = int((~th.isfinite(probabilities)).sum()) if probabilities is not None else int((~th.isfinite(ctx.new_log_prob)).sum())
     total = bad + bad_probs
