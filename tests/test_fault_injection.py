@@ -21,6 +21,7 @@ from textenv_gym.dynamics import TextGenConfig
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.generation import generate
+from tensor_asserts import assert_same_tensors
 
 ENV = dict(vocab_size=8, max_length=6)
 N_ENVS, N_STEPS = 2, 12  # two episodes per environment per rollout
@@ -36,22 +37,6 @@ BOTH = [VerifiedRecurrentPPO, VerifiedPPO]
 
 def state(model) -> tuple[dict, dict]:
     return copy.deepcopy(model.policy.state_dict()), copy.deepcopy(model.policy.optimizer.state_dict())
-
-
-def assert_same(a, b) -> None:
-    """Recursively equal, tensors bit for bit."""
-    if isinstance(a, th.Tensor):
-        assert th.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same(x, y)
-    else:
-        assert a == b
 
 
 def instrumented(cls):
@@ -138,7 +123,7 @@ def assert_only_the_faulty_update_rolled_back(model, *checks: str) -> dict:
         assert not entry["checks"][check]["passed"], check
         assert f"{check}:" in entry["reason"], (check, entry["reason"])
     assert [e["accepted"] for i, e in enumerate(log) if i != FAULT_AT] == [True] * (N_UPDATES - 1)
-    assert_same(model.after[FAULT_AT], model.before[FAULT_AT])  # rolled back bit for bit, optimizer included
+    assert_same_tensors(model.after[FAULT_AT], model.before[FAULT_AT])  # rolled back bit for bit, optimizer included
     return entry
 
 
@@ -203,7 +188,7 @@ def test_parameter_broken_after_an_update_is_restored_before_the_next_rollout(cl
     assert recovered is not None and recovered.startswith("finite_parameters: 1 non-finite parameters")
     assert f"restored the last verified state (after update {FAULT_AT})" in recovered
     assert [i for i, e in enumerate(log) if e["recovered"]] == [FAULT_AT + 1]
-    assert_same(model.before[FAULT_AT + 1], model.after[FAULT_AT])  # exactly the state after the last update
+    assert_same_tensors(model.before[FAULT_AT + 1], model.after[FAULT_AT])  # exactly the state after the last update
     assert_trained_to_the_end_and_usable(model)
 
 

@@ -321,6 +321,19 @@ def test_reference_distinguishes_whole_prompt_from_last_token():
     assert not th.allclose(dist.distribution.logits[0], dist.distribution.logits[1], atol=1e-3)
 
 
+@th.no_grad()
+def evaluate_recording_lstm_calls(policy: SLMLstmPolicy, batch: dict):
+    """``evaluate_actions`` on a buffer-like batch, and the inputs of every actor LSTM call it made."""
+    recorder = LstmCallRecorder(policy.lstm_actor)
+    try:
+        values, log_prob, entropy = policy.evaluate_actions(
+            batch["obs"], batch["actions"], batch["lstm_states"], batch["episode_starts"]
+        )
+    finally:
+        recorder.remove()
+    return values, log_prob, entropy, recorder.inputs
+
+
 @pytest.mark.parametrize("critic_mode", sorted(CRITIC_MODES))
 def test_evaluate_actions_matches_reference_with_mid_sequence_episode_starts(critic_mode):
     policy = make_policy(**CRITIC_MODES[critic_mode])
@@ -330,15 +343,10 @@ def test_evaluate_actions_matches_reference_with_mid_sequence_episode_starts(cri
     batch, valid = buffer_like_batch(traj, cuts)
     episode_starts = batch["episode_starts"].reshape(len(batch["lstm_states"].pi[0][0]), -1)
     assert episode_starts[:, 1:].sum() > 0, "the batch must have episode starts in the middle of sequences"
-    recorder = LstmCallRecorder(policy.lstm_actor)
-    with th.no_grad():
-        values, log_prob, entropy = policy.evaluate_actions(
-            batch["obs"], batch["actions"], batch["lstm_states"], batch["episode_starts"]
-        )
-    recorder.remove()
+    values, log_prob, entropy, lstm_inputs = evaluate_recording_lstm_calls(policy, batch)
     check_against_reference(policy, values, log_prob, entropy, valid)
     # no Python loop over time: a single LSTM call on a packed batch of segments
-    assert len(recorder.inputs) == 1 and isinstance(recorder.inputs[0], PackedSequence)
+    assert len(lstm_inputs) == 1 and isinstance(lstm_inputs[0], PackedSequence)
 
 
 def test_evaluate_actions_fast_path_is_one_lstm_call_and_exact():
@@ -352,15 +360,10 @@ def test_evaluate_actions_fast_path_is_one_lstm_call_and_exact():
     starts = batch["episode_starts"].reshape(n_seq, -1)
     assert starts[:, 0].sum() > 0 and starts[:, 1:].sum() == 0
     assert (starts[:, 0] == 0).sum() > 0, "some sequences must continue from a carried state"
-    recorder = LstmCallRecorder(policy.lstm_actor)
-    with th.no_grad():
-        values, log_prob, entropy = policy.evaluate_actions(
-            batch["obs"], batch["actions"], batch["lstm_states"], batch["episode_starts"]
-        )
-    recorder.remove()
+    values, log_prob, entropy, lstm_inputs = evaluate_recording_lstm_calls(policy, batch)
     check_against_reference(policy, values, log_prob, entropy, valid)
-    assert len(recorder.inputs) == 1
-    assert isinstance(recorder.inputs[0], th.Tensor) and recorder.inputs[0].shape[:2] == (starts.shape[1], n_seq)
+    assert len(lstm_inputs) == 1
+    assert isinstance(lstm_inputs[0], th.Tensor) and lstm_inputs[0].shape[:2] == (starts.shape[1], n_seq)
 
 
 @th.no_grad()

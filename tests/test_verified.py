@@ -15,6 +15,7 @@ from stable_baselines3.common.logger import configure
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import CheckResult, VerifiedPPO, VerifiedRecurrentPPO
+from tensor_asserts import assert_same_tensors
 
 PERMISSIVE = dict(kl_threshold=1e9, min_entropy=0.0, surrogate_tolerance=1e9, advantage_tolerance=1e9)
 SMALL_PPO = dict(n_steps=64, batch_size=64, n_epochs=2, learning_rate=3e-3, policy_kwargs=dict(net_arch=[32]), seed=0)
@@ -30,22 +31,6 @@ def textgen(num_envs: int = 2, **kwargs):
 
 def optimizer_state(model) -> dict:
     return copy.deepcopy(model.policy.optimizer.state_dict())
-
-
-def assert_same_tensors(a, b) -> None:
-    """Recursively equal, tensors bit for bit."""
-    if isinstance(a, th.Tensor):
-        assert isinstance(b, th.Tensor) and a.dtype == b.dtype and th.equal(a, b)
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for key in a:
-            assert_same_tensors(a[key], b[key])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            assert_same_tensors(x, y)
-    else:
-        assert a == b
 
 
 def probing(cls):
