@@ -22,8 +22,10 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 
 from verl_sb3 import checks as C
+from verl_sb3._util import patched_attribute, require_number
 from verl_sb3.checks import CheckResult, UpdateContext
 from verl_sb3.policies import SLMLstmPolicy
+from verl_sb3.reference import ReferenceKLMixin
 
 #: Defaults, measured on the default training run (see README, "Verification").
 DEFAULT_KL_THRESHOLD = 0.25
@@ -70,18 +72,6 @@ class _Snapshot:
     logged: tuple[dict, dict, dict]
 
 
-def _number(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> float:
-    """``value`` as a float in the given interval, or a ValueError naming ``name`` and the interval."""
-    interval = f"{'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)) or math.isnan(value):
-        raise ValueError(f"{name}: expected a number in {interval}, got {value!r}")
-    too_low = value <= low if open_low else value < low
-    too_high = value >= high if open_high else value > high
-    if too_low or too_high:
-        raise ValueError(f"{name}: expected a number in {interval}, got {value}")
-    return float(value)
-
-
 def _clone_state(value: Any) -> Any:
     """A copy of an optimizer state dict: tensors cloned, containers rebuilt, the rest shared."""
     if isinstance(value, th.Tensor):
@@ -101,7 +91,8 @@ class VerificationMixin:
     """Verifies each PPO update on the rollout it was trained on; see :class:`VerifiedPPO`."""
 
     #: Attributes that a rollback restores besides the policy, the optimizer and ``_n_updates``
-    #: (for controllers that ``train()`` updates). Subclasses extend it.
+    #: (for controllers that ``train()`` updates). A subclass lists its own; those of its parent
+    #: classes are restored too.
     _rollback_attributes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
@@ -125,17 +116,17 @@ class VerificationMixin:
         entropy_coef_rate: float = DEFAULT_ENTROPY_COEF_RATE,
         **kwargs: Any,
     ) -> None:
-        self.kl_threshold = _number("kl_threshold", kl_threshold, 0.0, open_low=True)
-        self.min_entropy = None if min_entropy is None else _number("min_entropy", min_entropy, 0.0)
-        self.max_forbidden_prob = _number("max_forbidden_prob", max_forbidden_prob, 0.0, 1.0)
-        self.returns_tolerance = _number("returns_tolerance", returns_tolerance, 0.0)
-        self.advantage_tolerance = _number("advantage_tolerance", advantage_tolerance, 0.0)
-        self.surrogate_tolerance = _number("surrogate_tolerance", surrogate_tolerance, 0.0)
-        self.max_abs_return = None if max_abs_return is None else _number("max_abs_return", max_abs_return, 0.0, open_low=True)
+        self.kl_threshold = require_number("kl_threshold", kl_threshold, 0.0, open_low=True)
+        self.min_entropy = None if min_entropy is None else require_number("min_entropy", min_entropy, 0.0)
+        self.max_forbidden_prob = require_number("max_forbidden_prob", max_forbidden_prob, 0.0, 1.0)
+        self.returns_tolerance = require_number("returns_tolerance", returns_tolerance, 0.0)
+        self.advantage_tolerance = require_number("advantage_tolerance", advantage_tolerance, 0.0)
+        self.surrogate_tolerance = require_number("surrogate_tolerance", surrogate_tolerance, 0.0)
+        self.max_abs_return = None if max_abs_return is None else require_number("max_abs_return", max_abs_return, 0.0, open_low=True)
         if isinstance(max_backtracks, bool) or not isinstance(max_backtracks, (int, np.integer)) or max_backtracks < 0:
             raise ValueError(f"max_backtracks: expected an integer >= 0, got {max_backtracks!r}")
         self.max_backtracks = int(max_backtracks)
-        self.backtrack_ratio = _number("backtrack_ratio", backtrack_ratio, 0.0, 1.0, open_low=True, open_high=True)
+        self.backtrack_ratio = require_number("backtrack_ratio", backtrack_ratio, 0.0, 1.0, open_low=True, open_high=True)
         bad_checks = [check for check in checks if not callable(check)]
         if bad_checks:
             raise ValueError(f"checks: expected callables taking an UpdateContext, got {bad_checks!r}")
@@ -143,10 +134,10 @@ class VerificationMixin:
         if max_log_entries is not None and (not isinstance(max_log_entries, (int, np.integer)) or max_log_entries < 1):
             raise ValueError(f"max_log_entries: expected None or an integer >= 1, got {max_log_entries!r}")
         self.max_log_entries = max_log_entries
-        self.target_entropy = None if target_entropy is None else _number("target_entropy", target_entropy, 0.0)
+        self.target_entropy = None if target_entropy is None else require_number("target_entropy", target_entropy, 0.0)
         if self.target_entropy is not None and self.min_entropy is None:
             raise ValueError("target_entropy: needs the entropy check; pass min_entropy (e.g. 0.0) instead of None")
-        self.entropy_coef_rate = _number("entropy_coef_rate", entropy_coef_rate, 0.0, open_low=True)
+        self.entropy_coef_rate = require_number("entropy_coef_rate", entropy_coef_rate, 0.0, open_low=True)
         self.verification_log: list[dict[str, Any]] = []
         self._n_verified = 0
         self._n_accepted_first_try = 0
@@ -234,9 +225,9 @@ class VerificationMixin:
                 captured.append(policy.action_dist.distribution.logits.detach())
             return output
 
-        policy.forward = recording_forward
         try:
-            return super().collect_rollouts(*args, **kwargs)
+            with patched_attribute(policy, "forward", recording_forward):
+                return super().collect_rollouts(*args, **kwargs)
         except (ValueError, RuntimeError) as error:
             bad = self._count_non_finite_parameters()
             if bad:
@@ -246,7 +237,6 @@ class VerificationMixin:
                 ) from error
             raise
         finally:
-            del policy.forward
             self._rollout_logits = captured
 
     def _excluded_save_params(self) -> list[str]:
@@ -455,9 +445,14 @@ class VerificationMixin:
             policy={name: tensor.clone() for name, tensor in self.policy.state_dict().items()},
             optimizer=_clone_state(self.policy.optimizer.state_dict()),
             n_updates=self._n_updates,
-            extra={name: copy.deepcopy(getattr(self, name)) for name in self._rollback_attributes},
+            extra={name: copy.deepcopy(getattr(self, name)) for name in self._rollback_attribute_names()},
             logged=logged,
         )
+
+    def _rollback_attribute_names(self) -> tuple[str, ...]:
+        """The ``_rollback_attributes`` of every class of the model, parents first, without repeats."""
+        names = (name for klass in reversed(type(self).__mro__) for name in vars(klass).get("_rollback_attributes", ()))
+        return tuple(dict.fromkeys(names))
 
     def _restore(self, snapshot: _Snapshot) -> None:
         """Put back, bit for bit, everything the update changed, including what it logged."""
@@ -534,7 +529,7 @@ class VerificationMixin:
             print(f"verl: update {entry['update']}: {reason}")
 
 
-class VerifiedPPO(VerificationMixin, PPO):
+class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
     """SB3's PPO whose every update is verified, backtracked when it fails, rolled back if still failing.
 
     All of ``PPO``'s arguments and behaviour are kept; the verification arguments are keyword-only.
@@ -576,6 +571,11 @@ class VerifiedPPO(VerificationMixin, PPO):
         ``ent_coef = max(0, ent_coef + entropy_coef_rate * (target - entropy))``. ``ent_coef`` is then
         its starting value. Needs ``min_entropy``.
     :param entropy_coef_rate: step size of that adaptation, > 0.
+
+    KL control toward a frozen reference policy (off by default) takes the arguments of
+    :class:`verl_sb3.reference.ReferenceKLMixin`: ``ref_kl_coef``, ``ref_kl_estimator``,
+    ``ref_kl_mode``, ``ref_kl_target``, ``ref_kl_horizon``, ``reference``. Its coefficient
+    controller is restored with the rest when an update is rolled back.
     """
 
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
@@ -584,7 +584,7 @@ class VerifiedPPO(VerificationMixin, PPO):
         return distribution, log_prob, self._real_samples(batch)
 
 
-class VerifiedRecurrentPPO(VerificationMixin, RecurrentPPO):
+class VerifiedRecurrentPPO(VerificationMixin, ReferenceKLMixin, RecurrentPPO):
     """sb3-contrib's RecurrentPPO with the verification of :class:`VerifiedPPO`.
 
     The update is verified on the rollout's sequences with their stored LSTM states, episode
