@@ -213,9 +213,12 @@ def test_example_evaluate_uses_results_final_model(checkpoint, tmp_path):
     assert TABLE_HEADER in done.stdout
 
 
-def test_example_custom_reward(tmp_path):
-    done = run_script(ROOT / "examples" / "custom_reward.py", "--total-timesteps", "320", "--episodes", "8", cwd=tmp_path)
+@pytest.mark.parametrize("variant", [[], ["--reward-model", "--topic-weight", "2"]], ids=["function", "torch-model"])
+def test_example_custom_reward(tmp_path, variant):
+    done = run_script(ROOT / "examples" / "custom_reward.py", "--total-timesteps", "320", "--episodes", "8", *variant,
+                      cwd=tmp_path)
     assert done.returncode == 0, done.stderr
+    assert ("TorchRewardModel" in done.stdout) == bool(variant)
     rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in done.stdout.splitlines()
             if re.match(r"^\s+(diversity|repetition|forbidden|topic|total)\s", line)}
     assert set(rows) == {"diversity", "repetition", "forbidden", "topic", "total"}

@@ -157,11 +157,17 @@ def brute_force_optimum(config: TextGenConfig, prompt) -> float:
         (dict(vocab_size=2, max_length=7, repetition_penalty=0.4), None),  # repeating pays
         (dict(vocab_size=3, max_length=6, forbidden_tokens=[2], forbidden_penalty=0.3, repetition_window=2), [2]),
         (dict(vocab_size=4, max_length=5, repetition_window=2), [3, 3, 3]),
+        (dict(vocab_size=3, max_length=6, reward_weights={"diversity": 0.5, "repetition": 3.0}), [1]),
+        (dict(vocab_size=3, max_length=6, forbidden_tokens=[0], reward_weights={"diversity": -1.0, "forbidden": -0.5}), None),
     ],
 )
 def test_optimal_return_matches_exhaustive_search(settings, prompt):
     config = TextGenConfig(**settings)
     assert optimal_return(config, prompt) == pytest.approx(brute_force_optimum(config, prompt))
+
+
+def test_optimal_return_is_unknown_with_user_components():
+    assert np.isnan(optimal_return(TextGenConfig(reward_fns={"bonus": lambda tokens, lengths: lengths * 0.0})))
 
 
 def test_no_sample_beats_the_optimum(model):

@@ -28,22 +28,51 @@ def test_readme_has_the_two_command_quick_start():
     assert commands[1].strip() in ci  # CI runs the README's test command
 
 
-def test_readme_snippets_run(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    blocks = python_blocks()
-    assert len(blocks) == 4
+def block_with(marker: str) -> str:
+    """The one README Python snippet that contains ``marker``."""
+    matching = [block for block in python_blocks() if marker in block]
+    assert len(matching) == 1, f"{len(matching)} README snippets contain {marker!r}"
+    return matching[0]
+
+
+def run(block: str) -> dict:
     namespace: dict = {}
-    for block in blocks[:3]:  # environment, batched environments, verified PPO
-        exec(compile(block, "README.md", "exec"), namespace)
-    printed = capsys.readouterr().out
-    assert "start sequence to 1.0 {'length': 3, 'diversity': 1.0" in printed
-    model = namespace["model"]
+    exec(compile(block, "README.md", "exec"), namespace)
+    return namespace
+
+
+def test_every_readme_snippet_is_run_by_a_test():
+    markers = ("TextGen-v0", "no_token_dominates", "load_checkpoint(", "ref_kl_coef=")
+    for block in python_blocks():
+        assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
+
+
+def test_readme_environment_snippets_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}  # the environment's snippets build on each other
+    for block in python_blocks():
+        if "TextGen-v0" in block:
+            exec(compile(block, "README.md", "exec"), namespace)
+    assert "start sequence to 1.0 {'length': 3, 'diversity': 1.0" in capsys.readouterr().out
+
+
+def test_readme_verification_evaluation_and_generation_snippets_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    model = run(block_with("no_token_dominates"))["model"]
     assert len(model.verification_log) > 0 and "no_token_dominates" in model.verification_log[-1]["checks"]
     save_checkpoint(model, tmp_path / "results" / "model_checkpoints" / "final_model.zip")
-    exec(compile(blocks[3], "README.md", "exec"), {})  # evaluation and generation, on that checkpoint
+    capsys.readouterr()
+    run(block_with("load_checkpoint("))  # evaluation and generation, on that checkpoint
     printed = capsys.readouterr().out
     assert "| Test case | Metric | Target | Actual | Result |" in printed
     assert printed.strip().splitlines()[-1].startswith("[")  # the generated texts
+
+
+def test_readme_reference_kl_snippet_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    model = run(block_with("ref_kl_coef="))["model"]
+    assert model.ref_policy is not None and model.kl_ctrl.value != 0.05  # adapted
+    assert "AdaptiveKLController" in capsys.readouterr().out
 
 
 if __name__ == "__main__":  # pragma: no cover

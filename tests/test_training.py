@@ -187,6 +187,7 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
         ({"gamma": 1.5}, "gamma"),
         ({"gae_lambda": -0.1}, "gae_lambda"),
         ({"clip_range": 0}, "clip_range"),
+        ({"env_kwargs": {"reward_fns": {"bonus": len}}}, "env_kwargs: reward_fns"),
         ({"ent_coef": float("nan")}, "ent_coef"),
         ({"target_entropy": -1.0}, "target_entropy"),
         ({"progress_bar": "no"}, "progress_bar"),

@@ -5,18 +5,21 @@
 
 from gymnasium.envs.registration import register, registry
 
-from textenv_gym.dynamics import SequenceBatch, TextGenConfig, reward_components
+from textenv_gym.dynamics import BUILTIN_COMPONENTS, SequenceBatch, TextGenConfig, reward_components
+from textenv_gym.reward_models import TorchRewardModel
 from textenv_gym.text_gen import TextGenEnv
 from textenv_gym.vector import TextGenVectorEnv
 from textenv_gym.vocabulary import DEFAULT_VOCABULARY, Tokenizer
 
 __all__ = [
+    "BUILTIN_COMPONENTS",
     "DEFAULT_VOCABULARY",
     "SequenceBatch",
     "TextGenConfig",
     "TextGenEnv",
     "TextGenVectorEnv",
     "Tokenizer",
+    "TorchRewardModel",
     "reward_components",
 ]
 __version__ = "0.1.0"

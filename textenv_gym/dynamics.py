@@ -2,13 +2,14 @@
 
 :class:`TextGenConfig` validates the environment's arguments, :class:`SequenceBatch` holds N token
 sequences in numpy arrays and appends one token to each, and :func:`reward_components` is the
-reward. The scalar environment is a batch of one; the batched environments use the same code.
+reward: named components (built-in and user-given), each weighted. The scalar environment is a
+batch of one; the batched environments use the same code.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,6 +19,10 @@ from textenv_gym.vocabulary import Tokenizer, default_vocabulary
 
 DEFAULT_VOCAB_SIZE = 50
 DEFAULT_MAX_LENGTH = 20
+#: The names of the built-in reward components, in the order they are summed.
+BUILTIN_COMPONENTS = ("diversity", "repetition", "forbidden")
+#: A user reward component: ``fn(tokens, lengths) -> array-like of shape (N,)`` (see ``TextGenEnv``).
+RewardFunction = Callable[[np.ndarray, np.ndarray], Any]
 
 
 def _require_int(name: str, value: Any, minimum: int) -> int:
@@ -55,6 +60,37 @@ def _token_ids(name: str, values: Any, vocab_size: int) -> np.ndarray:
     return array.astype(np.int64)
 
 
+def _reward_fns(reward_fns: Any) -> dict[str, RewardFunction] | None:
+    """``reward_fns`` as a dict of user components (None when there are none), or a ValueError."""
+    if reward_fns is None:
+        return None
+    if not isinstance(reward_fns, Mapping):
+        raise ValueError(f"reward_fns: expected a mapping of component name -> callable, got {reward_fns!r}")
+    for name, fn in reward_fns.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"reward_fns: component names must be non-empty strings, got {name!r}")
+        if name in BUILTIN_COMPONENTS:
+            raise ValueError(
+                f"reward_fns[{name!r}]: clashes with a built-in component; built-in components are "
+                f"{list(BUILTIN_COMPONENTS)} (weigh them with reward_weights instead)"
+            )
+        if not callable(fn):
+            raise ValueError(f"reward_fns[{name!r}]: expected a callable fn(tokens, lengths) -> array of shape (N,), got {fn!r}")
+    return dict(reward_fns) or None
+
+
+def _reward_weights(reward_weights: Any, known: Sequence[str]) -> dict[str, float] | None:
+    """``reward_weights`` as a dict of finite floats over ``known`` names (None when empty), or a ValueError."""
+    if reward_weights is None:
+        return None
+    if not isinstance(reward_weights, Mapping):
+        raise ValueError(f"reward_weights: expected a mapping of component name -> weight, got {reward_weights!r}")
+    unknown = [name for name in reward_weights if name not in known]
+    if unknown:
+        raise ValueError(f"reward_weights: unknown components {unknown}; known components are {list(known)}")
+    return {name: _require_finite(f"reward_weights[{name!r}]", weight) for name, weight in reward_weights.items()} or None
+
+
 @dataclass(frozen=True)
 class TextGenConfig:
     """The validated arguments of TextGen-v0 (see :class:`textenv_gym.TextGenEnv` for their meaning)."""
@@ -66,6 +102,8 @@ class TextGenConfig:
     forbidden_tokens: Sequence[int] = ()
     forbidden_penalty: float = -1.0
     vocabulary: Sequence[str] | None = None
+    reward_weights: Mapping[str, float] | None = field(default=None, hash=False)
+    reward_fns: Mapping[str, RewardFunction] | None = field(default=None, hash=False)
     tokenizer: Tokenizer = field(init=False, repr=False, compare=False)
     forbidden_mask: np.ndarray = field(init=False, repr=False, compare=False)
 
@@ -100,6 +138,18 @@ class TextGenConfig:
         vocabulary = default_vocabulary(vocab_size) if self.vocabulary is None else self.vocabulary
         set_("tokenizer", Tokenizer(vocabulary))
         set_("vocabulary", self.tokenizer.vocabulary)
+        set_("reward_fns", _reward_fns(self.reward_fns))
+        set_("reward_weights", _reward_weights(self.reward_weights, self.component_names))
+
+    @property
+    def component_names(self) -> tuple[str, ...]:
+        """The names of the reward components: the built-in ones, then those of ``reward_fns``."""
+        return BUILTIN_COMPONENTS + tuple(self.reward_fns or ())
+
+    @property
+    def custom_reward(self) -> bool:
+        """Whether the reward differs from the default sum of the built-in components."""
+        return self.reward_fns is not None or self.reward_weights is not None
 
     @property
     def pad_id(self) -> int:
@@ -116,6 +166,8 @@ class TextGenConfig:
             "forbidden_tokens": list(self.forbidden_tokens),
             "forbidden_penalty": self.forbidden_penalty,
             "vocabulary": list(self.vocabulary),
+            "reward_weights": None if self.reward_weights is None else dict(self.reward_weights),
+            "reward_fns": None if self.reward_fns is None else dict(self.reward_fns),
         }
 
     def encode_prompt(self, prompt: Any) -> np.ndarray:
@@ -132,19 +184,53 @@ class TextGenConfig:
 
 
 def reward_components(
-    diversity: np.ndarray, repeated: np.ndarray, forbidden: np.ndarray, config: TextGenConfig
+    diversity: np.ndarray,
+    repeated: np.ndarray,
+    forbidden: np.ndarray,
+    config: TextGenConfig,
+    tokens: np.ndarray | None = None,
+    lengths: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
-    """The reward of each new sequence, by component; the reward is their sum.
+    """The reward of each new sequence, by component, each already multiplied by its weight
+    (``config.reward_weights``, 1.0 when not given); the reward is their sum.
 
     - ``diversity``: unique tokens / total tokens of the whole sequence (prompt included);
     - ``repetition``: ``repetition_penalty`` when the last ``repetition_window`` tokens are identical;
-    - ``forbidden``: ``forbidden_penalty`` when the appended token is forbidden.
+    - ``forbidden``: ``forbidden_penalty`` when the appended token is forbidden;
+    - one per user component ``name`` of ``config.reward_fns``: ``fn(tokens, lengths)``, called once
+      for the whole batch with the new sequences (``tokens``, int64 ``(N, max_length)`` padded with
+      ``pad_id``) and their ``lengths`` (needed only when there are user components).
     """
-    return {
+    components = {
         "diversity": diversity,
         "repetition": np.where(repeated, config.repetition_penalty, 0.0),
         "forbidden": np.where(forbidden, config.forbidden_penalty, 0.0),
     }
+    for name, fn in (config.reward_fns or {}).items():
+        if tokens is None or lengths is None:
+            raise ValueError(f"reward_components: the user component {name!r} needs the sequences' tokens and lengths")
+        components[name] = _user_component(name, fn, tokens, lengths)
+    for name, weight in (config.reward_weights or {}).items():
+        components[name] = weight * components[name]
+    return components
+
+
+def _user_component(name: str, fn: RewardFunction, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """The values of the user component ``name`` for the sequences, as float64 of shape (N,), or a ValueError."""
+    expected = (len(lengths),)
+    if not len(lengths):  # nothing was stepped (every environment autoreset): no call
+        return np.zeros(0)
+    returned = fn(tokens, lengths)
+    try:
+        values = np.asarray(returned, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ValueError(f"reward_fns[{name!r}]: returned {returned!r}, expected numbers of shape {expected}") from None
+    if values.shape != expected:
+        raise ValueError(f"reward_fns[{name!r}]: returned shape {values.shape}, expected {expected}")
+    if not np.all(np.isfinite(values)):
+        bad = values[~np.isfinite(values)].tolist()
+        raise ValueError(f"reward_fns[{name!r}]: returned non-finite values {bad}, expected finite numbers")
+    return values
 
 
 @dataclass
@@ -214,7 +300,9 @@ class SequenceBatch:
         diversity = unique / lengths
         repeated = run >= self.config.repetition_window
         forbidden = self.config.forbidden_mask[actions]
-        components = reward_components(diversity, repeated, forbidden, self.config)
+        # Copies (fancy indexing) for user components, which then cannot alter the sequences.
+        tokens, lengths_copy = (self.tokens[rows], lengths.copy()) if self.config.reward_fns else (None, None)
+        components = reward_components(diversity, repeated, forbidden, self.config, tokens, lengths_copy)
         reward = sum(components.values())
         terminated = lengths >= self.config.max_length
         return StepOutcome(reward, components, diversity, repeated, forbidden, terminated)

@@ -20,10 +20,12 @@ class TextGenVecEnv(VecEnv):
     Follows SB3's ``VecEnv`` conventions: an environment whose episode ends is reset in the same
     ``step`` (the returned observation is the new episode's first), and its info holds the last
     observation under ``terminal_observation``, plus ``length`` and ``diversity`` of the finished
-    sequence and ``TimeLimit.truncated=False``. Per-step info of running environments is empty:
-    it is built for speed. A prompt set with ``set_options({"prompt": p})`` is used from the next
-    reset on (SB3 applies options at ``reset()``). Wrap it in SB3's ``VecMonitor`` (or use
-    :func:`make_textgen_vec_env`) for episode statistics.
+    sequence and ``TimeLimit.truncated=False``. Per-step info of running environments is empty
+    with the default reward: it is built for speed. With ``reward_weights`` or ``reward_fns``, every
+    info holds ``reward_components``, as :class:`textenv_gym.TextGenEnv`'s. A prompt set with
+    ``set_options({"prompt": p})`` is used from the next reset on (SB3 applies options at
+    ``reset()``). Wrap it in SB3's ``VecMonitor`` (or use :func:`make_textgen_vec_env`) for
+    episode statistics.
 
     :param num_envs: number of sequences.
     :param seed: seed of the action space's generator (the dynamics are deterministic).
@@ -52,14 +54,18 @@ class TextGenVecEnv(VecEnv):
         outcome = self.sequences.append(self._actions)
         done = outcome.terminated
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
+        if self.config.custom_reward:
+            components = {name: value.tolist() for name, value in outcome.components.items()}
+            for index, info in enumerate(infos):
+                info["reward_components"] = {name: values[index] for name, values in components.items()}
         if done.any():
             for index in np.flatnonzero(done):
-                infos[index] = {
+                infos[index].update({
                     "terminal_observation": self.sequences.tokens[index].copy(),
                     "length": int(self.sequences.lengths[index]),
                     "diversity": float(outcome.diversity[index]),
                     "TimeLimit.truncated": False,
-                }
+                })
             self.sequences.reset(done)
         return self.sequences.tokens.copy(), outcome.reward.astype(np.float32), done.copy(), infos
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 from gymnasium import spaces
 
-from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, SequenceBatch, TextGenConfig, validate_action
+from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, RewardFunction, SequenceBatch, TextGenConfig, validate_action
 
 
 def check_render_mode(render_mode: str | None, metadata: dict) -> None:
@@ -48,11 +48,23 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     - `forbidden_penalty` (default -1.0) when the appended token is in `forbidden_tokens`.
 
     Example, defaults: appending 7 to `[3, 7, 7]` gives `[3, 7, 7, 7]`: diversity 2/4 = 0.5, the
-    last three tokens are identical, so the reward is 0.5 - 0.5 = 0.0. The reward of one step lies
-    in `[1 / max_length + min(repetition_penalty, 0) + min(forbidden_penalty, 0), 1 + max(...)]`.
+    last three tokens are identical, so the reward is 0.5 - 0.5 = 0.0. With the default weights and
+    no user components, the reward of one step lies in
+    `[1 / max_length + min(repetition_penalty, 0) + min(forbidden_penalty, 0), 1 + max(...)]`.
+
+    **Weights and user components.** Each component has a weight (`reward_weights`, default 1.0)
+    and `reward_fns` adds user components (e.g. a learned reward model, the RLHF hook): the
+    reward is `sum(weight[name] * value[name])` over the built-in components, then the user
+    components in their given order. A user component is called once per (batched) step with the
+    sequences just extended: `fn(tokens, lengths)`, `tokens` an int64 array `(N, max_length)`
+    padded with `pad_id`, `lengths` their lengths (int64 `(N,)`); it returns `N` finite numbers
+    (the scalar environment calls it with `N = 1`). The batched environments match the scalar one
+    when it is a pure function of its inputs. `textenv_gym.TorchRewardModel` makes a torch
+    reward model such a component.
 
     `info` holds `length`, `diversity`, `repeated` (the window rule fired), `forbidden` (the token
-    is forbidden) and `reward_components` (the three terms above, by name).
+    is forbidden) and `reward_components`: each component's weighted contribution, by name
+    (`weight * value`), so the components sum exactly to the reward.
 
     ## Starting State
     The empty sequence, or a prompt: `reset(options={"prompt": p})` where `p` is a list of token
@@ -75,6 +87,11 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     - `forbidden_penalty`: finite number added when a forbidden token is appended (default -1.0).
     - `vocabulary`: the token strings (default: 50 English words, `textenv_gym.DEFAULT_VOCABULARY`,
       extended with `tok50`, `tok51`, ... for larger `vocab_size`).
+    - `reward_weights`: finite weight per component name, built-in or user (default: 1.0 for each;
+      names left out weigh 1.0). An unknown name is a `ValueError` listing the known ones.
+    - `reward_fns`: user components, name -> callable `fn(tokens, lengths)` (see Rewards; default
+      none). Names may not be those of the built-in components. A component returning the wrong
+      shape or non-finite values raises a `ValueError` naming it at that step.
     - `render_mode`: `None`, `"ansi"` (`render()` returns the decoded text) or `"human"` (prints it
       after every `reset` and `step`).
 
@@ -95,12 +112,14 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         forbidden_tokens: Sequence[int] = (),
         forbidden_penalty: float = -1.0,
         vocabulary: Sequence[str] | None = None,
+        reward_weights: Mapping[str, float] | None = None,
+        reward_fns: Mapping[str, RewardFunction] | None = None,
         render_mode: str | None = None,
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
             vocab_size, max_length, repetition_penalty, repetition_window,
-            forbidden_tokens, forbidden_penalty, vocabulary,
+            forbidden_tokens, forbidden_penalty, vocabulary, reward_weights, reward_fns,
         )
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(self.config.vocab_size)

@@ -6,7 +6,7 @@ vectorization_mode="vector_entry_point")``), with Gymnasium's default next-step 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -14,7 +14,9 @@ from gymnasium import spaces
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, SequenceBatch, StepOutcome, TextGenConfig, validate_actions
+from textenv_gym.dynamics import (
+    DEFAULT_MAX_LENGTH, RewardFunction, SequenceBatch, StepOutcome, TextGenConfig, validate_actions,
+)
 from textenv_gym.text_gen import check_render_mode, observation_space_for
 
 
@@ -73,8 +75,9 @@ class TextGenVectorEnv(VectorEnv):
     its last observation with ``terminated=True``; the next ``step`` ignores that environment's
     action, resets it and returns the starting observation with reward 0 and
     ``terminated=False``, and its ``info`` entries are those of :meth:`TextGenEnv.reset`, as
-    ``SyncVectorEnv`` reports them. A prompt given as ``reset(options={"prompt": p})`` is the starting
-    sequence of every environment, also at every autoreset, until the next ``reset``.
+    ``SyncVectorEnv`` reports them. User components (``reward_fns``) are called once per step with
+    the sequences that were stepped. A prompt given as ``reset(options={"prompt": p})`` is the
+    starting sequence of every environment, also at every autoreset, until the next ``reset``.
     """
 
     metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -89,12 +92,14 @@ class TextGenVectorEnv(VectorEnv):
         forbidden_tokens: Sequence[int] = (),
         forbidden_penalty: float = -1.0,
         vocabulary: Sequence[str] | None = None,
+        reward_weights: Mapping[str, float] | None = None,
+        reward_fns: Mapping[str, RewardFunction] | None = None,
         render_mode: str | None = None,
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
             vocab_size, max_length, repetition_penalty, repetition_window,
-            forbidden_tokens, forbidden_penalty, vocabulary,
+            forbidden_tokens, forbidden_penalty, vocabulary, reward_weights, reward_fns,
         )
         self.sequences = SequenceBatch(self.config, num_envs)
         self.num_envs = self.sequences.num_sequences

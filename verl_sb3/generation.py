@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,12 +153,19 @@ def optimal_return(config: TextGenConfig, prompt: str | list[int] | None = None,
     token counts, the class (allowed / forbidden) of its last token and its trailing run length,
     so a dynamic programme over those states, one step at a time, finds the maximum. Each step
     can append a new allowed token, a new forbidden token, the last token again, or another
-    already used allowed or forbidden token.
+    already used allowed or forbidden token. ``reward_weights`` are taken into account; with user
+    components (``reward_fns``) the optimum is unknown and NaN is returned.
     """
     sequences, prompt_ids, room = _start(config, 1, prompt)
     length = room if length is None else length
     if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= room:
         raise ValueError(f"length: expected an integer in [0, {room}], got {length!r}")
+    if config.reward_fns:
+        return math.nan
+    weights = config.reward_weights or {}
+    diversity_weight = weights.get("diversity", 1.0)
+    repetition_penalty = weights.get("repetition", 1.0) * config.repetition_penalty
+    forbidden_penalty = weights.get("forbidden", 1.0) * config.forbidden_penalty
     forbidden = config.forbidden_mask
     n_allowed, n_forbidden = int((~forbidden).sum()), int(forbidden.sum())
     window = config.repetition_window
@@ -176,17 +185,17 @@ def optimal_return(config: TextGenConfig, prompt: str | list[int] | None = None,
         for (allowed_used, forbidden_used, last_is_forbidden, run), total in best.items():
             distinct = allowed_used + forbidden_used
             if allowed_used < n_allowed:  # a new allowed token
-                offer((allowed_used + 1, forbidden_used, False, 1), total + (distinct + 1) / size)
+                offer((allowed_used + 1, forbidden_used, False, 1), total + diversity_weight * (distinct + 1) / size)
             if forbidden_used < n_forbidden:  # a new forbidden token
-                offer((allowed_used, forbidden_used + 1, True, 1), total + (distinct + 1) / size + config.forbidden_penalty)
+                offer((allowed_used, forbidden_used + 1, True, 1), total + diversity_weight * (distinct + 1) / size + forbidden_penalty)
             if run > 0:  # the last token again
                 repeat = min(run + 1, window)
-                reward = distinct / size + (config.repetition_penalty if repeat >= window else 0.0)
-                reward += config.forbidden_penalty if last_is_forbidden else 0.0
+                reward = diversity_weight * distinct / size + (repetition_penalty if repeat >= window else 0.0)
+                reward += forbidden_penalty if last_is_forbidden else 0.0
                 offer((allowed_used, forbidden_used, last_is_forbidden, repeat), total + reward)
             if allowed_used - (run > 0 and not last_is_forbidden) > 0:  # another used allowed token
-                offer((allowed_used, forbidden_used, False, 1), total + distinct / size)
+                offer((allowed_used, forbidden_used, False, 1), total + diversity_weight * distinct / size)
             if forbidden_used - (run > 0 and last_is_forbidden) > 0:  # another used forbidden token
-                offer((allowed_used, forbidden_used, True, 1), total + distinct / size + config.forbidden_penalty)
+                offer((allowed_used, forbidden_used, True, 1), total + diversity_weight * distinct / size + forbidden_penalty)
         best = following
     return float(max(best.values()))

@@ -96,6 +96,11 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected a mapping of settings, got {getattr(self, name)!r}")
         if isinstance(self.forbidden_tokens, (str, bytes)) or not isinstance(self.forbidden_tokens, (list, tuple)):
             raise ValueError(f"forbidden_tokens: expected a list of token ids, got {self.forbidden_tokens!r}")
+        if self.env_kwargs.get("reward_fns"):
+            raise ValueError(
+                "env_kwargs: reward_fns holds Python callables, which the training job's YAML configuration cannot "
+                "record; train in Python with make_textgen_vec_env(..., reward_fns=...) (see examples/custom_reward.py)"
+            )
         clashing = sorted({"vocab_size", "max_length", "forbidden_tokens"} & set(self.env_kwargs))
         if clashing:
             raise ValueError(f"env_kwargs: {clashing} are settings of their own; set them there, not in env_kwargs")
