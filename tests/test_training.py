@@ -86,6 +86,11 @@ def test_updates_csv_has_one_row_per_update(run):
         assert 0.0 <= float(row["mean_episode_reward"]) <= 20.0
         assert math.isnan(float(row["loss"])) != bool(entry["accepted"])  # losses only for accepted updates
     assert float(rows[-1]["verification_rate"]) == pytest.approx(model.verification_rate)
+    # reference-KL control is on by default: a frozen initial policy, a fixed coefficient
+    assert model.ref_policy is not None and model.kl_ctrl.value == TrainConfig().ref_kl_coef
+    assert {float(r["kl_coef"]) for r in rows} == {TrainConfig().ref_kl_coef}
+    ref_kl = [float(r["ref_kl"]) for r in rows]
+    assert ref_kl[0] == 0.0 and all(math.isfinite(v) for v in ref_kl) and max(ref_kl) > 0.0
     wall = [float(r["wall_time"]) for r in rows]
     assert wall == sorted(wall)
 
@@ -189,6 +194,7 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
         ({"clip_range": 0}, "clip_range"),
         ({"env_kwargs": {"reward_fns": {"bonus": len}}}, "env_kwargs: reward_fns"),
         ({"ent_coef": float("nan")}, "ent_coef"),
+        ({"ref_kl_coef": -0.1}, "ref_kl_coef"),
         ({"target_entropy": -1.0}, "target_entropy"),
         ({"progress_bar": "no"}, "progress_bar"),
         ({"verbose": 5}, "verbose"),

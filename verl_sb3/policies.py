@@ -163,7 +163,15 @@ class TiedOutput(nn.Module):
             nn.init.zeros_(self.proj.bias)
 
     def forward(self, latent: th.Tensor) -> th.Tensor:
-        return self.proj(latent) @ self.embedding.weight[: self.vocab_size].T + self.bias
+        tokens = self.embedding.weight[: self.vocab_size].T
+        if latent.dim() == 2:  # addmm adds the bias inside the product: no second (batch, V) tensor
+            return th.addmm(self.bias, self.proj(latent), tokens)
+        return self.proj(latent) @ tokens + self.bias
+
+
+#: :class:`BagOfTokensCritic` computes its first layer sparsely when ``V > SPARSE_BAG_RATIO * L``
+#: (measured crossover of forward + backward, batch 320, 1 thread: about ``V = 8 L``).
+SPARSE_BAG_RATIO = 8
 
 
 class BagOfTokensCritic(nn.Module):
@@ -174,6 +182,13 @@ class BagOfTokensCritic(nn.Module):
     layer. The number of distinct tokens, on which the value of a TextGen-v0 state depends, is
     linear in these features. The actor stays a language model; only the value estimate
     reads the sequence as a bag.
+
+    The features are ``2 V + 1`` numbers of which at most ``2 L + 1`` are non-zero. For a large
+    vocabulary (``V > 8 L``, e.g. ``V = 5000``, ``L = 128``) the first layer therefore sums the
+    weight columns of the sequence's tokens (``embedding_bag``) instead of multiplying a dense
+    ``(batch, 2 V + 1)`` matrix: the same function (to float rounding) and the same parameters,
+    at that size (batch 320, 1 thread) about 10x faster forward and 2.7x faster forward + backward.
+    Small vocabularies keep the dense product (bit for bit as before).
 
     :param vocab_size: ``V``; id ``V`` is padding.
     :param max_length: ``L``.
@@ -198,9 +213,31 @@ class BagOfTokensCritic(nn.Module):
         return counts / self.max_length
 
     def forward(self, features: th.Tensor) -> th.Tensor:
+        if self.vocab_size > SPARSE_BAG_RATIO * self.max_length:
+            return self.net[1:](self._sparse_first_layer(features))
         bag = self.bag_of_tokens(features)
         presence = (bag[:, : self.vocab_size] > 0).to(bag.dtype)
         return self.net(th.cat([presence, bag], dim=1))
+
+    def _sparse_first_layer(self, features: th.Tensor) -> th.Tensor:
+        """``net[0](cat([presence, bag]))`` without building the ``(batch, 2 V + 1)`` features:
+        column ``t`` (presence of token ``t``) once per distinct token, column ``V + t`` (its count)
+        ``1 / L`` per occurrence, column ``2 V`` (the length) ``length / L``."""
+        vocab_size, layer = self.vocab_size, self.net[0]
+        tokens = features_to_token_ids(features, vocab_size, self.max_length)
+        valid = (tokens != vocab_size).long().cumprod(dim=1).bool()  # the sequence ends at the first padding
+        tokens = th.where(valid, tokens, th.full_like(tokens, vocab_size))
+        ordered = tokens.sort(dim=1).values  # padding (V) last
+        distinct = th.ones_like(valid)
+        distinct[:, 1:] = ordered[:, 1:] != ordered[:, :-1]
+        real = ordered != vocab_size
+        count_weight = valid.to(layer.weight.dtype) / self.max_length
+        columns = th.cat([th.where(real, ordered, 0), th.where(valid, tokens, 0) + vocab_size], dim=1)
+        weights = th.cat([(distinct & real).to(count_weight.dtype), count_weight], dim=1)
+        # embedding_bag wants the rows contiguous: the copy costs far less than the dense product
+        hidden = nn.functional.embedding_bag(columns, layer.weight.T.contiguous(), per_sample_weights=weights, mode="sum")
+        length = count_weight.sum(dim=1, keepdim=True)
+        return hidden + length * layer.weight[:, 2 * vocab_size] + layer.bias
 
 
 class SLMLstmPolicy(RecurrentActorCriticPolicy):

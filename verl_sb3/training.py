@@ -31,7 +31,7 @@ RANDOM_POLICY_RETURN = 18.24  # uniform random policy, vocabulary 50, length 20 
 class TrainConfig:
     """Everything the training run uses; defaults are the tuned default run (see README)."""
 
-    total_timesteps: int = 600_000
+    total_timesteps: int = 1_200_000
     n_envs: int = 128
     seed: int = 0
     learning_rate: float = 1e-3
@@ -48,6 +48,7 @@ class TrainConfig:
     clip_range: float = 0.2
     ent_coef: float = 0.0
     target_entropy: float | None = 2.5
+    ref_kl_coef: float | None = 0.02
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     policy_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_critic_lstm": False})
@@ -84,6 +85,8 @@ class TrainConfig:
             number(name, 0.0)
         if self.target_entropy is not None:
             number("target_entropy", 0.0)
+        if self.ref_kl_coef is not None:
+            number("ref_kl_coef", 0.0)
         for name in ("progress_bar",):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
@@ -143,7 +146,7 @@ class TrainingRecorder(BaseCallback):
 
     COLUMNS = ("update", "timesteps", "mean_episode_reward", "loss", "policy_gradient_loss", "value_loss",
                "entropy_loss", "approx_kl", "kl", "accepted", "backtracks", "rolled_back", "entropy",
-               "verification_rate", "wall_time")
+               "verification_rate", "ref_kl", "kl_coef", "wall_time")
 
     def __init__(self, config: TrainConfig, output: Path) -> None:
         super().__init__()
@@ -209,6 +212,8 @@ class TrainingRecorder(BaseCallback):
             "verification_rate": self.model.verification_rate,
             "wall_time": time.perf_counter() - self._start,
         }
+        for name in ("ref_kl", "kl_coef"):  # of the rollout the update trained on (reference KL control)
+            row[name] = float(values.get(f"verl/{name}", math.nan))
         for name in ("loss", "policy_gradient_loss", "value_loss", "entropy_loss", "approx_kl"):
             row[name] = float(values.get(f"train/{name}", math.nan)) if entry["accepted"] else math.nan
         self._recent = []
@@ -249,7 +254,8 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
         policy_kwargs=dict(config.policy_kwargs), seed=config.seed, verbose=config.verbose,
-        kl_threshold=config.kl_threshold, target_entropy=config.target_entropy, **config.verification,
+        kl_threshold=config.kl_threshold, target_entropy=config.target_entropy, ref_kl_coef=config.ref_kl_coef,
+        **config.verification,
     )
     model.env_kwargs = env_kwargs
     return model

@@ -26,6 +26,7 @@ from verl_sb3._util import patched_attribute, require_number
 from verl_sb3.checks import CheckResult, UpdateContext
 from verl_sb3.policies import SLMLstmPolicy
 from verl_sb3.reference import ReferenceKLMixin
+from verl_sb3.transformer_policy import SLMTransformerPolicy
 
 #: Defaults, measured on the default training run (see README, "Verification").
 DEFAULT_KL_THRESHOLD = 0.25
@@ -217,12 +218,20 @@ class VerificationMixin:
         non-finite during it raise a RuntimeError that says so.
         """
         self._recover_non_finite_parameters("before collecting a rollout")
-        policy, forward, captured = self.policy, self.policy.forward, []
+        policy, forward, n_steps = self.policy, self.policy.forward, self.n_steps
+        # (n_envs, n_steps, n_actions), environment-major as the verified batch: filled step by step,
+        # so that the old distribution needs no stacking or transposing copy of the rollout's logits.
+        captured: dict[str, Any] = {"logits": None, "steps": 0}
 
         def recording_forward(*f_args: Any, **f_kwargs: Any) -> Any:
             output = forward(*f_args, **f_kwargs)
             if isinstance(policy.action_dist, CategoricalDistribution):
-                captured.append(policy.action_dist.distribution.logits.detach())
+                logits, step = policy.action_dist.distribution.logits, captured["steps"]
+                if captured["logits"] is None:
+                    captured["logits"] = logits.new_empty((logits.shape[0], n_steps, logits.shape[1]))
+                if step < n_steps and logits.shape[0] == captured["logits"].shape[0]:
+                    captured["logits"][:, step] = logits
+                captured["steps"] = step + 1
             return output
 
         try:
@@ -268,11 +277,11 @@ class VerificationMixin:
 
     def _old_distribution(self, batch: RolloutBatch) -> Distribution:
         """The policy's distribution on ``batch`` before the update: recorded during collection, else computed."""
-        logits = getattr(self, "_rollout_logits", None) or []
+        captured = getattr(self, "_rollout_logits", None) or {"logits": None, "steps": 0}
+        logits, self._rollout_logits = captured["logits"], None  # freed once the distribution holds them
         n_steps, n_envs = self.rollout_buffer.buffer_size, self.rollout_buffer.n_envs
-        if len(logits) == n_steps and all(step.shape[0] == n_envs for step in logits):
-            stacked = th.stack(logits).transpose(0, 1)  # (n_envs, n_steps, n_actions): env-major, as the batch
-            return copy.copy(self.policy.action_dist).proba_distribution(action_logits=stacked.reshape(n_envs * n_steps, -1))
+        if logits is not None and captured["steps"] == n_steps and logits.shape[:2] == (n_envs, n_steps):
+            return copy.copy(self.policy.action_dist).proba_distribution(action_logits=logits.reshape(n_envs * n_steps, -1))
         self.policy.set_training_mode(False)
         with th.no_grad():
             return self._policy_on_batch(batch)[0]
@@ -545,6 +554,8 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
       ``forbidden_tokens``, ``forbidden_mass`` (<= ``max_forbidden_prob``, or not higher than before);
     - every user check in ``checks`` and whatever an override of :meth:`verify` adds.
 
+    Accepts the policy ``"SLMTransformerPolicy"`` by name besides PPO's.
+
     A failing update is backtracked: parameters ``old + backtrack_ratio**k * (new - old)`` for
     ``k = 1 .. max_backtracks``, the first passing one kept. If none passes, the policy, the
     optimizer state, ``_n_updates``, the ``_rollback_attributes`` and the ``train/`` figures
@@ -577,6 +588,8 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
     ``ref_kl_mode``, ``ref_kl_target``, ``ref_kl_horizon``, ``reference``. Its coefficient
     controller is restored with the rest when an update is rolled back.
     """
+
+    policy_aliases: ClassVar[dict[str, type]] = {**PPO.policy_aliases, "SLMTransformerPolicy": SLMTransformerPolicy}
 
     def _policy_on_batch(self, batch: Any) -> tuple[Distribution, th.Tensor, th.Tensor]:
         distribution = copy.copy(self.policy.get_distribution(batch.observations))
