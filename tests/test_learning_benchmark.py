@@ -16,7 +16,7 @@ SCRIPT = REPO_ROOT / "benchmarks" / "learning.py"
 NUMBER = r"\d[\d,]*(?:\.\d+)?"
 REACH = rf"(?:not reached|{NUMBER}s/{NUMBER})"
 ROW = re.compile(
-    rf"^(?P<key>[a-d]'?(?: x[\d.]+)?)\s+(?P<steps>{NUMBER})\s+(?P<seconds>{NUMBER})\*?\s+(?P<us>{NUMBER})\s+"
+    rf"^(?P<key>[a-e]'?(?: x[\d.]+)?)\s+(?P<steps>{NUMBER})\s+(?P<seconds>{NUMBER})\*?\s+(?P<us>{NUMBER})\s+"
     rf"(?P<r190>{REACH})\s+(?P<r195>{REACH})\s+(?P<r198>{REACH})\s+(?P<best>{NUMBER})\s+"
     rf"(?P<worst>{NUMBER}) \((?P<worst_rep>{NUMBER})%\)\s+(?P<final>{NUMBER})\s+(?P<final_rep>{NUMBER})%\s+"
     rf"(?P<entropy>{NUMBER})\s+(?P<never>yes|no|n/a)$",
@@ -71,7 +71,7 @@ def test_quick_default_mode(tmp_path):
     assert result.returncode == 0, result.stderr
     out = result.stdout
     rows = parse_rows(out)
-    assert sorted(rows) == sorted(["a", "b", "b'", "c", "d"]), out
+    assert sorted(rows) == sorted(["a", "b", "b'", "c", "d", "e"]), out
     data = json.loads((tmp_path / "learning.json").read_text())
     assert (tmp_path / "learning.png").stat().st_size > 10_000
     runs = {r["key"]: r for r in data["runs"]}
@@ -110,7 +110,7 @@ def test_quick_stress_mode(tmp_path):
 
 
 def test_rejects_bad_flags(tmp_path):
-    result = run("--runs", "a,e", "--output-dir", str(tmp_path))
+    result = run("--runs", "a,f", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--runs" in result.stderr
     result = run("--max-seconds", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--max-seconds" in result.stderr
