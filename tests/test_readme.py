@@ -42,7 +42,7 @@ def run(block: str) -> dict:
 
 
 def test_every_readme_snippet_is_run_by_a_test():
-    markers = ("TextGen-v0", "no_token_dominates", "load_checkpoint(", "ref_kl_coef=")
+    markers = ("TextGen-v0", "no_token_dominates", "load_checkpoint(", "ref_kl_coef=", '"SLMTransformerPolicy"', "vocab_size=5000")
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
 
@@ -73,6 +73,19 @@ def test_readme_reference_kl_snippet_runs(tmp_path, monkeypatch, capsys):
     model = run(block_with("ref_kl_coef="))["model"]
     assert model.ref_policy is not None and model.kl_ctrl.value != 0.05  # adapted
     assert "AdaptiveKLController" in capsys.readouterr().out
+
+
+def test_readme_transformer_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = run(block_with('"SLMTransformerPolicy"'))["transformer"]
+    assert type(model.policy).__name__ == "SLMTransformerPolicy" and len(model.verification_log) == 2
+
+
+def test_readme_large_vocabulary_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run(block_with("vocab_size=5000"))
+    assert namespace["large"].action_space.n == 5000
+    assert len(namespace["lstm"].verification_log) == 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -47,6 +47,11 @@ class VetoFifth(VerifiedRecurrentPPO):
 SETTINGS = {
     "recurrent": (VetoFifth, "SLMLstmPolicy", dict(COMMON, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8))),
     "feed-forward": (VerifiedPPO, "MlpPolicy", dict(COMMON, policy_kwargs=dict(net_arch=[32]))),
+    # an adaptive reference-KL coefficient and the reference's own LSTM state must resume too
+    "reference-kl": (VetoFifth, "SLMLstmPolicy", dict(
+        COMMON, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8),
+        ref_kl_coef=0.1, ref_kl_target=0.01, ref_kl_horizon=100, ref_kl_estimator="k3",
+    )),
 }
 
 
@@ -86,6 +91,7 @@ def assert_identical(resumed, uninterrupted) -> None:
     assert all(th.equal(oa[i][name], ob[i][name]) for i in oa for name in oa[i])
     assert same_log(resumed.verification_log, uninterrupted.verification_log)
     assert resumed.ent_coef == uninterrupted.ent_coef
+    assert resumed.kl_ctrl == uninterrupted.kl_ctrl  # None without reference-KL control
     for counter in ("num_timesteps", "_n_updates", "_n_verified", "_n_accepted_first_try", "_n_rolled_back"):
         assert getattr(resumed, counter) == getattr(uninterrupted, counter), counter
 
@@ -98,8 +104,10 @@ def uninterrupted(request, tmp_path_factory):
     model = make(kind)
     model.learn(2 * N * ROLLOUT, callback=SaveAt(N * ROLLOUT, path))
     assert model.ent_coef != COMMON["ent_coef"] and len(model.verification_log) == 2 * N
-    if kind == "recurrent":
+    if kind in ("recurrent", "reference-kl"):
         assert model.verification_log[4]["rolled_back"]
+    if kind == "reference-kl":
+        assert model.kl_ctrl.value != 0.1
     return kind, model, path
 
 

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
+import torch as th
 
 
 def require_number(name: str, value: Any, low: float, high: float = math.inf, *, open_low: bool = False, open_high: bool = False) -> float:
@@ -38,3 +39,19 @@ def patched_attribute(owner: Any, name: str, replacement: Any) -> Iterator[None]
             delattr(owner, name)
         else:
             setattr(owner, name, previous)
+
+
+@contextlib.contextmanager
+def distribution_validation(enabled: bool) -> Iterator[None]:
+    """Turn torch.distributions' argument checks on or off for the block, then restore the default.
+
+    Verification builds distributions over whole rollouts, whose values it checks itself
+    (``finite_parameters``): torch's checks would cost a pass over the logits per distribution
+    and raise on the non-finite values that the checks are there to report.
+    """
+    previous = th.distributions.Distribution._validate_args
+    th.distributions.Distribution.set_default_validate_args(enabled)
+    try:
+        yield
+    finally:
+        th.distributions.Distribution.set_default_validate_args(previous)

@@ -166,7 +166,9 @@ def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
     all_finite = not ctx.parameters or bool(th.isfinite(th.stack([p.sum() for p in ctx.parameters])).all())
     bad = 0 if all_finite else int(sum((~th.isfinite(p)).sum() for p in ctx.parameters))
     probabilities = ctx.probabilities("new")
-    bad_probs = int((~th.isfinite(probabilities)).sum()) if probabilities is not None else int((~th.isfinite(ctx.new_log_prob)).sum())
+    values = probabilities if probabilities is not None else ctx.new_log_prob
+    # a sum is non-finite whenever one of its terms is: one pass settles the common case
+    bad_probs = 0 if bool(th.isfinite(values.sum())) else int((~th.isfinite(values)).sum())
     total = bad + bad_probs
     return CheckResult(total == 0, float(total), 0.0, f"{bad} non-finite parameters, {bad_probs} non-finite probabilities")
 

@@ -22,7 +22,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution
 
 from verl_sb3 import checks as C
-from verl_sb3._util import patched_attribute, require_number
+from verl_sb3._util import distribution_validation, patched_attribute, require_number
 from verl_sb3.checks import CheckResult, UpdateContext
 from verl_sb3.policies import SLMLstmPolicy
 from verl_sb3.reference import ReferenceKLMixin
@@ -280,11 +280,12 @@ class VerificationMixin:
         captured = getattr(self, "_rollout_logits", None) or {"logits": None, "steps": 0}
         logits, self._rollout_logits = captured["logits"], None  # freed once the distribution holds them
         n_steps, n_envs = self.rollout_buffer.buffer_size, self.rollout_buffer.n_envs
-        if logits is not None and captured["steps"] == n_steps and logits.shape[:2] == (n_envs, n_steps):
-            return copy.copy(self.policy.action_dist).proba_distribution(action_logits=logits.reshape(n_envs * n_steps, -1))
-        self.policy.set_training_mode(False)
-        with th.no_grad():
-            return self._policy_on_batch(batch)[0]
+        with distribution_validation(False):
+            if logits is not None and captured["steps"] == n_steps and logits.shape[:2] == (n_envs, n_steps):
+                return copy.copy(self.policy.action_dist).proba_distribution(action_logits=logits.reshape(n_envs * n_steps, -1))
+            self.policy.set_training_mode(False)
+            with th.no_grad():
+                return self._policy_on_batch(batch)[0]
 
     def _settle_update(self, batch: Any, old_distribution: Distribution, snapshot: _Snapshot) -> None:
         full_step = results = self._verify_current(batch, old_distribution)
@@ -421,7 +422,7 @@ class VerificationMixin:
 
     def _update_context(self, batch: Any, old_distribution: Distribution, evaluate_new: bool = True) -> UpdateContext:
         """The update's context; with ``evaluate_new=False`` the new policy stands for the old one."""
-        with th.no_grad():
+        with th.no_grad(), distribution_validation(False):
             actions = self._batch_actions(batch)
             if evaluate_new:
                 new_distribution, new_log_prob, mask = self._policy_on_batch(batch)
