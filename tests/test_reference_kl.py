@@ -260,3 +260,20 @@ def test_subclass_rollback_attributes_add_to_the_controller():
     model.learn(2 * N_STEPS * N_ENVS)
     assert model._rollback_attribute_names() == ("kl_ctrl", "counter")
     assert model.counter == 0 and model.kl_ctrl == AdaptiveKLController(0.2, 0.05, 10_000)
+
+
+def test_the_mixin_works_on_plain_sb3_ppo(tmp_path):
+    from stable_baselines3 import PPO
+
+    from verl_sb3 import ReferenceKLMixin
+
+    class ReferencePPO(ReferenceKLMixin, PPO):
+        pass
+
+    model = ReferencePPO("MlpPolicy", textgen(), seed=0, ref_kl_coef=0.3, ref_kl_target=0.01, ref_kl_horizon=50, **PPO_KW)
+    model.learn(3 * N_STEPS * N_ENVS)
+    assert model.kl_ctrl.value != 0.3 and model.logger.name_to_value["verl/kl_coef"] > 0
+    model.save(tmp_path / "plain")
+    loaded = ReferencePPO.load(tmp_path / "plain")
+    assert loaded.kl_ctrl == model.kl_ctrl
+    assert_same_tensors(dict(loaded.ref_policy.state_dict()), dict(model.ref_policy.state_dict()))

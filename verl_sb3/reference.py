@@ -24,7 +24,7 @@ from stable_baselines3.common.distributions import CategoricalDistribution, kl_d
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_zip_file
 
-from verl_sb3._util import patched_attribute, require_number
+from verl_sb3._util import distribution_validation, patched_attribute, require_number
 from verl_sb3.kl_control import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, exact_kl, kl_estimate
 
 REF_KL_MODES = ("reward", "loss")
@@ -48,8 +48,8 @@ class ReferenceKLMixin:
     ``ref_kl_mode="reward"`` (veRL's ``use_kl_in_reward``, TRL's default): each step's reward
     becomes ``reward - beta * kl`` before the advantages are computed; ``rollout/ep_rew_mean``
     still reports the environment's reward. ``ref_kl_mode="loss"`` (veRL's ``use_kl_loss``): PPO's
-    loss gains ``beta * mean(kl)`` over each minibatch, against the reference's figures recorded
-    during collection; its gradient is added to the loss's by a hook on the optimizer's
+    loss gains ``beta * mean(kl)`` over each minibatch, against the reference's figures computed
+    once the rollout is collected; its gradient is added to the loss's by a hook on the optimizer's
     ``zero_grad``, so the parent's ``train()`` runs unchanged.
 
     ``beta`` comes from ``kl_ctrl``: a :class:`FixedKLController`, or with ``ref_kl_target`` an
@@ -141,67 +141,74 @@ class ReferenceKLMixin:
 
     # ------------------------------------------------------------------ collection: the penalty
     def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
-        """The parent's collection, evaluating the reference on each step; in reward mode the
-        rewards are penalised before the advantages are computed."""
+        """The parent's collection; once it is complete, the reference is evaluated on the whole
+        rollout and, in reward mode, the rewards are penalised before the advantages are computed."""
         if self.ref_policy is None:
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        policy, forward, steps = self.policy, self.policy.forward, []
         compute_advantages = rollout_buffer.compute_returns_and_advantage
 
-        def forward_with_reference(*args: Any, **kwargs: Any) -> Any:
-            output = forward(*args, **kwargs)
-            steps.append(self._reference_step(output, args, kwargs))
-            return output
-
         def penalised_advantages(last_values: th.Tensor, dones: np.ndarray) -> None:
-            self._ref_rollout = self._penalise(rollout_buffer, steps)
+            self._ref_rollout = self._penalise(rollout_buffer)
             compute_advantages(last_values=last_values, dones=dones)
 
         self._ref_rollout = None
-        with patched_attribute(policy, "forward", forward_with_reference), patched_attribute(
-            rollout_buffer, "compute_returns_and_advantage", penalised_advantages
-        ):
+        with patched_attribute(rollout_buffer, "compute_returns_and_advantage", penalised_advantages):
             return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
-    def _reference_step(self, output: tuple, args: tuple, kwargs: dict) -> dict[str, th.Tensor]:
-        """The per-environment KL estimate of one collection step, and what loss mode needs later."""
-        actions, log_prob = output[0], output[2]
-        with th.no_grad():
+    def _penalise(self, buffer: BaseBuffer) -> dict[str, Any]:
+        """Subtract ``beta * kl`` from the buffer's rewards (reward mode); the rollout's KL figures.
+
+        The reference reads the whole rollout in one call, environment-major (row
+        ``env * n_steps + step``); a recurrent reference starts from its own LSTM state at the end
+        of the previous rollout, as the policy does from its own.
+        """
+        n_steps, n_envs = buffer.buffer_size, buffer.n_envs
+
+        def env_major(array: np.ndarray) -> th.Tensor:
+            return th.as_tensor(BaseBuffer.swap_and_flatten(array), device=self.device)
+
+        observations = buffer.observations
+        observations = {k: env_major(v) for k, v in observations.items()} if isinstance(observations, dict) else env_major(observations)
+        actions = env_major(buffer.actions)
+        if isinstance(self.action_space, spaces.Discrete):
+            actions = actions.long().flatten()
+        log_prob = env_major(buffer.log_probs).flatten()
+        with th.no_grad(), distribution_validation(False):
             if isinstance(self.ref_policy, RecurrentActorCriticPolicy):
-                observations, lstm_states, episode_starts = _call_arguments(args, kwargs, ("obs", "lstm_states", "episode_starts"))
+                starts = env_major(buffer.episode_starts).flatten()
                 states = self._ref_lstm_states
-                if states is None or states[0].shape != lstm_states.pi[0].shape:
-                    states = tuple(th.zeros_like(x) for x in lstm_states.pi)
-                ref_distribution, self._ref_lstm_states = self.ref_policy.get_distribution(observations, states, episode_starts)
+                if states is None or states[0].shape[1] != n_envs:
+                    states = tuple(th.zeros_like(x) for x in self._last_lstm_states.pi)
+                ref_distribution, self._ref_lstm_states = self.ref_policy.get_distribution(observations, states, starts)
             else:
-                (observations,) = _call_arguments(args, kwargs, ("obs",))
                 ref_distribution = self.ref_policy.get_distribution(observations)
             ref_log_prob = ref_distribution.log_prob(actions)
-            step = {"ref_log_prob": ref_log_prob}
             if self.ref_kl_estimator == "exact":
-                distribution = self.policy.action_dist
+                distribution = self._rollout_distribution(buffer, observations)
                 if isinstance(distribution, CategoricalDistribution):
-                    step["kl"] = exact_kl(distribution.distribution.logits, ref_distribution.distribution.logits)
-                    step["ref_logits"] = ref_distribution.distribution.logits
+                    kl = exact_kl(distribution.distribution.logits, ref_distribution.distribution.logits)
                 else:
-                    step["kl"] = kl_divergence(distribution, ref_distribution)
+                    kl = kl_divergence(distribution, ref_distribution)
             else:
-                step["kl"] = kl_estimate(log_prob, ref_log_prob, self.ref_kl_estimator)
-        return step
-
-    def _penalise(self, buffer: BaseBuffer, steps: list[dict[str, th.Tensor]]) -> dict[str, Any]:
-        """Subtract ``beta * kl`` from the buffer's rewards (reward mode); the rollout's KL figures."""
-        kl = th.stack([step["kl"] for step in steps]).cpu().numpy().reshape(buffer.rewards.shape)
+                kl = kl_estimate(log_prob, ref_log_prob, self.ref_kl_estimator)
+        kl_per_step = kl.reshape(n_envs, n_steps).T.cpu().numpy()  # the buffer's (n_steps, n_envs)
         beta = self.kl_ctrl.value
         if self.ref_kl_mode == "reward":
-            buffer.rewards -= (beta * kl).astype(buffer.rewards.dtype)
-        rollout = {"kl": float(kl.mean()), "kl_coef": beta, "n_steps": int(kl.size)}
+            buffer.rewards -= (beta * kl_per_step).astype(buffer.rewards.dtype)
+        rollout = {"kl": float(kl_per_step.mean()), "kl_coef": beta, "n_steps": int(kl_per_step.size)}
         if self.ref_kl_mode == "loss":  # environment-major, as the buffer serves minibatches
-            ref_log_prob = th.stack([s["ref_log_prob"] for s in steps]).cpu().numpy()
-            rollout["ref_log_prob"] = BaseBuffer.swap_and_flatten(ref_log_prob).reshape(-1)  # (n_envs * n_steps,)
+            rollout["ref_log_prob"] = ref_log_prob.cpu().numpy()
             if self.ref_kl_estimator == "exact":
-                rollout["ref_logits"] = BaseBuffer.swap_and_flatten(th.stack([s["ref_logits"] for s in steps]).cpu().numpy())
+                rollout["ref_logits"] = ref_distribution.distribution.logits.cpu().numpy()
         return rollout
+
+    def _rollout_distribution(self, buffer: BaseBuffer, observations: Any) -> Any:
+        """The policy's distribution on the rollout just collected (environment-major)."""
+        if isinstance(self.policy, RecurrentActorCriticPolicy):  # from its LSTM state at the first step
+            starts = th.as_tensor(BaseBuffer.swap_and_flatten(buffer.episode_starts), device=self.device).flatten()
+            states = tuple(th.as_tensor(np.ascontiguousarray(x[0]), device=self.device) for x in (buffer.hidden_states_pi, buffer.cell_states_pi))
+            return self.policy.get_distribution(observations, states, starts)[0]
+        return self.policy.get_distribution(observations)
 
     # ------------------------------------------------------------------ the update
     def train(self) -> None:
@@ -268,11 +275,6 @@ class ReferenceKLMixin:
             logits = None if ref_logits is None else th.as_tensor(ref_logits, device=self.device)
             mask = th.ones(len(batch_inds), dtype=th.bool, device=self.device)
         return _ReferenceMinibatch(log_prob, logits, mask)
-
-
-def _call_arguments(args: tuple, kwargs: dict, names: tuple[str, ...]) -> tuple:
-    """The first ``len(names)`` arguments of a call, positional or by keyword."""
-    return tuple(args[i] if i < len(args) else kwargs[name] for i, name in enumerate(names))
 
 
 def _reference_state_dict(reference: Reference, device: th.device) -> dict[str, th.Tensor]:
