@@ -50,7 +50,7 @@ MB = 1024 * 1024
 CSV_FIELDS = [
     "run", "vocab_size", "max_length", "num_envs", "steps_per_s", "peak_rss_mb", "rss_after_imports_mb",
     "rss_increase_mb", "ratio_steps_per_s", "ratio_peak_rss", "ratio_rss_increase", "timesteps", "seconds",
-    "updates_accepted", "load_average", "note",
+    "updates_accepted", "load_average",
 ]
 
 
@@ -142,18 +142,11 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     sys.path.insert(0, str(REPO_ROOT))
     import textenv_gym.sb3_vec_env  # noqa: F401
     import verl_sb3.training  # noqa: F401
+    import verl_sb3.transformer_policy  # noqa: F401
 
-    try:
-        import verl_sb3.transformer_policy  # noqa: F401
-    except ImportError as error:
-        transformer_error = f"verl_sb3.transformer_policy not importable ({error})"
-    else:
-        transformer_error = None
     th.set_num_threads(1)
     (vocab_size, max_length), = args.sizes
     after_imports = peak_rss_bytes()
-    if args.worker == "transformer" and transformer_error:
-        return dict(unavailable=transformer_error)
     if args.worker == "env":
         result = bench_env(args, vocab_size, max_length)
     else:
@@ -252,10 +245,6 @@ def main(argv: list[str] | None = None) -> int:
         for row in (r for r in rows if r["run"] == run):
             label = f"{RUN_NAMES[run]}"
             sizes = f"{row['vocab_size']}x{row['max_length']}"
-            if "unavailable" in row:
-                row["note"] = row.pop("unavailable")
-                print(f"{label:<38}{sizes:>11}  not measured: {row['note']}")
-                continue
             print(f"{label:<38}{sizes:>11}{row['num_envs']:>6}{row['steps_per_s']:>13,.0f}"
                   f"{row['peak_rss_mb']:>13.1f}{row['rss_increase_mb']:>9.1f}")
             if reference is None:

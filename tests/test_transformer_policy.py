@@ -15,7 +15,6 @@ from torch import nn
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import SLMTransformerPolicy, VerifiedPPO
 from verl_sb3.policies import BagOfTokensCritic, TiedOutput
-from verl_sb3.transformer_policy import CausalTransformerLM
 
 V, L = 7, 6  # vocabulary size (padding id = V), max sequence length
 ATOL = 1e-5
