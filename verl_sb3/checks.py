@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, kl_divergence
 
+from verl_sb3.kl_control import categorical_kl
+
 
 @dataclass(frozen=True)
 class CheckResult:
@@ -83,9 +85,8 @@ Check = Callable[[UpdateContext], CheckResult]
 def _kl(old: Distribution, new: Distribution) -> th.Tensor:
     """Exact KL(old || new) per state: over all logits for Categorical, else SB3's ``kl_divergence``."""
     if isinstance(old, CategoricalDistribution) and isinstance(new, CategoricalDistribution):
-        old_log_p, new_log_p = old.distribution.logits, new.distribution.logits  # normalised log-probabilities
-        terms = old_log_p.exp() * (old_log_p - new_log_p)
-        return th.where(old_log_p == -math.inf, 0.0, terms).sum(dim=-1)  # 0 * log(0 / q) = 0
+        # torch's Categorical holds normalised log-probabilities as its logits
+        return categorical_kl(old.distribution.logits, new.distribution.logits)
     return kl_divergence(old, new)
 
 

@@ -42,10 +42,13 @@ def kl_estimate(log_prob: th.Tensor, ref_log_prob: th.Tensor, estimator: str) ->
 
 def exact_kl(logits: th.Tensor, ref_logits: th.Tensor) -> th.Tensor:
     """Exact KL(policy || reference) per row of categorical logits (any normalisation)."""
-    log_p = th.log_softmax(logits, dim=-1)
-    ref_log_p = th.log_softmax(ref_logits, dim=-1)
+    return categorical_kl(th.log_softmax(logits, dim=-1), th.log_softmax(ref_logits, dim=-1))
+
+
+def categorical_kl(log_p: th.Tensor, ref_log_p: th.Tensor) -> th.Tensor:
+    """KL(p || p_ref) per row of normalised log-probabilities; ``0 * log(0 / q) = 0``."""
     terms = log_p.exp() * (log_p - ref_log_p)
-    return th.where(log_p == -math.inf, 0.0, terms).sum(dim=-1)  # 0 * log(0 / q) = 0
+    return th.where(log_p == -math.inf, 0.0, terms).sum(dim=-1)
 
 
 class FixedKLController:
