@@ -114,7 +114,7 @@ def build_training(run: str, args: argparse.Namespace, vocab_size: int, max_leng
     env = make_textgen_vec_env(config.n_envs, seed=config.seed, **config.textgen.as_kwargs())
     return VerifiedPPO(
         SLMTransformerPolicy, env,
-        learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
+        learning_rate=config.learning_rate_schedule(), n_steps=config.n_steps, batch_size=config.batch_size,
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm, seed=config.seed,
         kl_threshold=config.kl_threshold, target_entropy=config.target_entropy,

@@ -21,7 +21,7 @@ Runs (``--runs``, any of a,b,b',c,d,e):
   tuned for it (``TRANSFORMER_RUN``).
 
 ``--stress`` trains ``a`` and ``b`` (or ``--runs``) at ``--lr-factors`` (default 3 and 10) times the
-default learning rate instead.
+default learning rate instead (both ends of its linear decay).
 
     python benchmarks/learning.py              # full: 1,200,000 steps per run, <= 300 s each (~20 min)
     python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b (~6 min)
@@ -94,7 +94,7 @@ TRANSFORMER_RUN = dict(clip_range=0.1)
 def slm_kwargs(config: TrainConfig) -> dict[str, Any]:
     """The default training's PPO hyper-parameters and policy_kwargs (no verification arguments)."""
     return dict(
-        learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
+        learning_rate=config.learning_rate_schedule(), n_steps=config.n_steps, batch_size=config.batch_size,
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
         policy_kwargs=dict(config.policy_kwargs), seed=config.seed,
@@ -112,14 +112,16 @@ def transformer_kwargs(config: TrainConfig) -> dict[str, Any]:
 def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAlgorithm:
     """The model of run ``name`` (see the module's docstring), with its own environment."""
     default = TrainConfig(seed=seed)
-    config = TrainConfig(seed=seed, learning_rate=default.learning_rate * learning_rate_factor)
+    config = TrainConfig(seed=seed, learning_rate=default.learning_rate * learning_rate_factor,
+                         learning_rate_final=default.learning_rate_final * learning_rate_factor)
     env_kwargs = TextGenConfig().as_kwargs()
     if name == "a":
         model = build_model(config)
     elif name == "b":
         model = RecurrentPPO(SLMLstmPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **slm_kwargs(config))
     elif name == "b'":
-        model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate, kl_threshold=PERMISSIVE_KL,
+        model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate,
+                                        learning_rate_final=config.learning_rate_final, kl_threshold=PERMISSIVE_KL,
                                         verification=dict(PERMISSIVE)))
     elif name == "e":
         model = VerifiedPPO(SLMTransformerPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **transformer_kwargs(config))
@@ -371,7 +373,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=_positive_int, default=None, help="environment steps per run (default: the default training's, 1,200,000)")
     parser.add_argument("--max-seconds", type=_positive_float, default=None, help="wall-clock cap per run (default 300)")
     parser.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default 25,000)")
-    parser.add_argument("--eval-sequences", type=_positive_int, default=None, help="sequences per evaluation (default 200)")
+    parser.add_argument("--eval-sequences", type=_positive_int, default=None, help="sequences per evaluation (default 1000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=_runs, default=None, help="subset of a,b,b',c,d,e (default all; a,b with --stress)")
     parser.add_argument("--lr-factors", type=_factors, default=[3.0, 10.0], help="learning-rate factors of --stress")
@@ -386,7 +388,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.eval_every is None:
         args.eval_every = 2_000 if args.quick else 25_000
     if args.eval_sequences is None:
-        args.eval_sequences = 50 if args.quick else 200
+        # 1000: a repetition rate of 0.9 % (random) is 9 sequences, not the 1.8 of 200 sequences
+        args.eval_sequences = 50 if args.quick else 1000
     if args.runs is None:
         args.runs = ["a", "b"] if args.stress else list(RUN_NAMES)
     return args
@@ -401,7 +404,9 @@ def main(argv: list[str] | None = None) -> None:
           f"<= {args.max_seconds:g} s per run, evaluation every {args.eval_every:,} steps on {args.eval_sequences} "
           f"sequences, seed {args.seed}, 1 thread", flush=True)
     if args.stress:
-        print(f"learning rate x {', x'.join(f'{f:g}' for f in factors)} (default {TrainConfig().learning_rate:g})")
+        default = TrainConfig()
+        print(f"learning rate x {', x'.join(f'{f:g}' for f in factors)} (default {default.learning_rate:g}, "
+              f"decaying to {default.learning_rate_final:g})")
     results = []
     for factor in factors:
         for name in args.runs:

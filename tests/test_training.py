@@ -13,11 +13,12 @@ import yaml
 from verl_sb3.checkpoints import load_checkpoint
 from verl_sb3.dashboard import plot_dashboard
 from verl_sb3.evaluation import evaluate_model
-from verl_sb3.training import TrainConfig, TrainingRecorder, train
+from verl_sb3.training import TrainConfig, TrainingRecorder, build_model, train
 
 TINY = dict(
     total_timesteps=2048, n_envs=8, n_steps=20, batch_size=80, eval_freq=1024, checkpoint_freq=1024,
     eval_sequences=20, final_eval_sequences=50, progress_bar=False,
+    ref_kl_coef=0.02,  # off by default; on here so that the CSV's reference-KL columns are tested
 )
 ROLLOUT = TINY["n_envs"] * TINY["n_steps"]
 N_UPDATES = math.ceil(TINY["total_timesteps"] / ROLLOUT)  # SB3 collects whole rollouts: 13
@@ -86,13 +87,26 @@ def test_updates_csv_has_one_row_per_update(run):
         assert 0.0 <= float(row["mean_episode_reward"]) <= 20.0
         assert math.isnan(float(row["loss"])) != bool(entry["accepted"])  # losses only for accepted updates
     assert float(rows[-1]["verification_rate"]) == pytest.approx(model.verification_rate)
-    # reference-KL control is on by default: a frozen initial policy, a fixed coefficient
-    assert model.ref_policy is not None and model.kl_ctrl.value == TrainConfig().ref_kl_coef
-    assert {float(r["kl_coef"]) for r in rows} == {TrainConfig().ref_kl_coef}
+    # reference-KL control: a frozen initial policy, a fixed coefficient
+    assert model.ref_policy is not None and model.kl_ctrl.value == TINY["ref_kl_coef"]
+    assert {float(r["kl_coef"]) for r in rows} == {TINY["ref_kl_coef"]}
     ref_kl = [float(r["ref_kl"]) for r in rows]
     assert ref_kl[0] == 0.0 and all(math.isfinite(v) for v in ref_kl) and max(ref_kl) > 0.0
     wall = [float(r["wall_time"]) for r in rows]
     assert wall == sorted(wall)
+
+
+def test_learning_rate_decays_linearly_over_the_run(run):
+    config, _, result = run
+    model = result["model"]
+    assert model.lr_schedule(1.0) == pytest.approx(config.learning_rate)
+    assert model.lr_schedule(0.5) == pytest.approx((config.learning_rate + config.learning_rate_final) / 2)
+    assert model.lr_schedule(0.0) == pytest.approx(config.learning_rate_final)
+    # the optimizer ends the run near the final rate (SB3 sets it from the progress before each update)
+    last = model.policy.optimizer.param_groups[0]["lr"]
+    assert config.learning_rate_final <= last < config.learning_rate_final + 0.1 * (config.learning_rate - config.learning_rate_final)
+    constant = build_model(TrainConfig(**{**TINY, "learning_rate_final": None}))
+    assert constant.lr_schedule(0.0) == constant.lr_schedule(1.0) == config.learning_rate
 
 
 def test_evaluation_files_agree_with_the_result(run):
@@ -145,6 +159,8 @@ def test_same_seed_same_numbers(run, rerun):
         (dict(total_timesteps=1.5), "total_timesteps"),
         (dict(batch_size="80"), "batch_size"),
         (dict(learning_rate="fast"), "learning_rate"),
+        (dict(learning_rate_final=0.0), "learning_rate_final"),
+        (dict(learning_rate_final="slow"), "learning_rate_final"),
         (dict(kl_threshold=-0.1), "kl_threshold"),
         (dict(kl_threshold=float("inf")), "kl_threshold"),
         (dict(vocab_size=1), "vocab_size"),

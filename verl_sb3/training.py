@@ -16,6 +16,8 @@ import torch as th
 import yaml
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.type_aliases import Schedule
+from stable_baselines3.common.utils import LinearSchedule
 
 from textenv_gym.dynamics import TextGenConfig
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
@@ -35,6 +37,7 @@ class TrainConfig:
     n_envs: int = 128
     seed: int = 0
     learning_rate: float = 1e-3
+    learning_rate_final: float | None = 1e-4
     kl_threshold: float = DEFAULT_KL_THRESHOLD
     vocab_size: int = 50
     max_length: int = 20
@@ -47,8 +50,8 @@ class TrainConfig:
     gae_lambda: float = 0.8
     clip_range: float = 0.2
     ent_coef: float = 0.0
-    target_entropy: float | None = 2.5
-    ref_kl_coef: float | None = 0.02
+    target_entropy: float | None = 2.3
+    ref_kl_coef: float | None = None
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     policy_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_critic_lstm": False})
@@ -83,6 +86,8 @@ class TrainConfig:
             number(name, 0.0, 1.0)
         for name in ("ent_coef", "vf_coef"):
             number(name, 0.0)
+        if self.learning_rate_final is not None:
+            number("learning_rate_final", 0.0, open_low=True)
         if self.target_entropy is not None:
             number("target_entropy", 0.0)
         if self.ref_kl_coef is not None:
@@ -133,6 +138,13 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"config: unknown settings {unknown}; known: {sorted(names)}")
         return cls(**values)
+
+    def learning_rate_schedule(self) -> float | Schedule:
+        """``learning_rate``, decaying linearly to ``learning_rate_final`` over the run (SB3's
+        ``LinearSchedule`` of the progress remaining), or constant when that is None."""
+        if self.learning_rate_final is None:
+            return self.learning_rate
+        return LinearSchedule(self.learning_rate, self.learning_rate_final, end_fraction=1.0)
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -250,7 +262,7 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
     env = make_textgen_vec_env(config.n_envs, seed=config.seed, **env_kwargs)
     model = VerifiedRecurrentPPO(
         "SLMLstmPolicy", env,
-        learning_rate=config.learning_rate, n_steps=config.n_steps, batch_size=config.batch_size,
+        learning_rate=config.learning_rate_schedule(), n_steps=config.n_steps, batch_size=config.batch_size,
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
         policy_kwargs=dict(config.policy_kwargs), seed=config.seed, verbose=config.verbose,
