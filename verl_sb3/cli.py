@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--total-timesteps", type=int, help="environment steps to train for")
     train.add_argument("--n-envs", type=int, help="parallel sequences per rollout")
     train.add_argument("--seed", type=_integer(0), help="random seed (training and evaluation)")
-    train.add_argument("--learning-rate", type=float, help="Adam learning rate")
+    train.add_argument("--learning-rate", type=float, help="Adam learning rate at the start (it decays linearly to learning_rate_final, set in --config)")
     train.add_argument("--kl-threshold", type=float, help="largest accepted mean KL(old || new) per update")
     train.add_argument("--vocab-size", type=int, help="number of tokens of the environment")
     train.add_argument("--max-length", type=int, help="tokens per sequence")
