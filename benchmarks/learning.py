@@ -80,9 +80,10 @@ PERMISSIVE = dict(surrogate_tolerance=1e9, advantage_tolerance=1e9, returns_tole
                   min_entropy=0.0, max_backtracks=0)
 PERMISSIVE_KL = 1e9
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "output"
-#: Run (e): what differs from the default training's ``TrainConfig`` (environments, learning rate,
-#: batches, epochs, gamma, gae_lambda, verification, entropy target and reference-KL penalty are the
-#: same). Tuned before the reference-KL penalty, on 150k to 600k-step runs (seed 0; learning rate
+#: Run (e): what differs from the default training's ``TrainConfig`` (environments, learning-rate
+#: schedule, batches, epochs, gamma, gae_lambda, verification, entropy target and reference-KL
+#: setting are the same). Tuned with a constant learning rate, before the current defaults, on 150k
+#: to 600k-step runs (seed 0; learning rate
 #: 5e-4 / 1e-3 / 2e-3, minibatch 320 / 640 / 1280, 4 or 8 epochs, clip range 0.1 / 0.2, target
 #: entropy 2.5 / 3.0, entropy_coef_rate 0.01 / 0.003): clip range 0.1 had the best mean return over
 #: the evaluations from 100k to 300k steps at the same cost (19.25 against 19.18 with 0.2), within

@@ -17,7 +17,11 @@ import yaml
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import Schedule
-from stable_baselines3.common.utils import LinearSchedule
+
+try:  # stable-baselines3 >= 2.6: a picklable class
+    from stable_baselines3.common.utils import LinearSchedule
+except ImportError:  # older releases: the same schedule as a closure
+    from stable_baselines3.common.utils import get_linear_fn as LinearSchedule
 
 from textenv_gym.dynamics import TextGenConfig
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
