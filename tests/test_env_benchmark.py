@@ -2,24 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import textenv_gym
+from _scripts import REPO_ROOT, run_python
 
-REPO_ROOT = Path(textenv_gym.__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "env_throughput.py"
 RATE = r"([\d,]+) steps/s"
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          cwd=str(REPO_ROOT), timeout=300)
 
 
 def rate(text: str) -> float:
@@ -27,7 +15,7 @@ def rate(text: str) -> float:
 
 
 def test_quick_benchmark_prints_the_figures():
-    result = run("--quick")
+    result = run_python(SCRIPT, "--quick")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     scalar = re.search(r"scalar gym.make \(1 env\)\s+" + RATE, out)
@@ -58,6 +46,6 @@ def test_quick_benchmark_prints_the_figures():
 
 
 def test_benchmark_rejects_bad_flags():
-    result = run("--seconds", "0")
+    result = run_python(SCRIPT, "--seconds", "0")
     assert result.returncode == 2
     assert "--seconds" in result.stderr

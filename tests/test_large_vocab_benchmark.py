@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import csv
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import textenv_gym
+from _scripts import REPO_ROOT, run_python
 
-REPO_ROOT = Path(textenv_gym.__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "large_vocab.py"
 NAMES = {
     "env": "TextGenVecEnv, random actions",
@@ -22,16 +17,9 @@ ROW = r"^{name}\s+{size}\s+(\d+)\s+([\d,]+)\s+([\d.]+)\s+(-?[\d.]+)$"
 RATIO = r"^  ratio 5000x128 / 50x20: steps/s ([\d.]+)x, peak RSS ([\d.]+)x, \+MB (-?[\d.]+|nan|inf)x$"
 
 
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          cwd=str(REPO_ROOT), timeout=300)
-
-
 def test_quick_benchmark_prints_the_table_and_writes_the_csv(tmp_path):
     output = tmp_path / "large_vocab.csv"
-    result = run("--quick", "--output", str(output))
+    result = run_python(SCRIPT, "--quick", "--output", str(output))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert re.search(r"load average [\d.]+ at start", out), out
@@ -62,7 +50,7 @@ def test_quick_benchmark_prints_the_table_and_writes_the_csv(tmp_path):
 
 
 def test_benchmark_rejects_bad_flags():
-    result = run("--sizes", "5000")
+    result = run_python(SCRIPT, "--sizes", "5000")
     assert result.returncode == 2 and "VOCABxLENGTH" in result.stderr
-    result = run("--seconds", "0")
+    result = run_python(SCRIPT, "--seconds", "0")
     assert result.returncode == 2 and "--seconds" in result.stderr

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import textenv_gym
+from _scripts import REPO_ROOT, run_python
 
-REPO_ROOT = Path(textenv_gym.__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "learning.py"
 NUMBER = r"\d[\d,]*(?:\.\d+)?"
 REACH = rf"(?:not reached|{NUMBER}s/{NUMBER})"
@@ -22,14 +17,6 @@ ROW = re.compile(
     rf"(?P<entropy>{NUMBER})\s+(?P<never>yes|no|n/a)$",
     re.MULTILINE,
 )
-
-
-def run(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    env["MPLBACKEND"] = "Agg"
-    return subprocess.run([sys.executable, str(SCRIPT), *args], capture_output=True, text=True, env=env,
-                          cwd=str(REPO_ROOT), timeout=300)
 
 
 def number(text: str) -> float:
@@ -67,7 +54,7 @@ def check_row(row: dict[str, str], run_data: dict) -> None:
 
 
 def test_quick_default_mode(tmp_path):
-    result = run("--quick", "--output-dir", str(tmp_path))
+    result = run_python(SCRIPT, "--quick", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     rows = parse_rows(out)
@@ -89,7 +76,7 @@ def test_quick_default_mode(tmp_path):
 
 
 def test_quick_stress_mode(tmp_path):
-    result = run("--quick", "--stress", "--runs", "a,b", "--output-dir", str(tmp_path))
+    result = run_python(SCRIPT, "--quick", "--stress", "--runs", "a,b", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     rows = parse_rows(out)
@@ -110,7 +97,7 @@ def test_quick_stress_mode(tmp_path):
 
 
 def test_rejects_bad_flags(tmp_path):
-    result = run("--runs", "a,f", "--output-dir", str(tmp_path))
+    result = run_python(SCRIPT, "--runs", "a,f", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--runs" in result.stderr
-    result = run("--max-seconds", "0", "--output-dir", str(tmp_path))
+    result = run_python(SCRIPT, "--max-seconds", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--max-seconds" in result.stderr

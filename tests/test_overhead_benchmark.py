@@ -2,23 +2,15 @@
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import verl_sb3
+from _scripts import REPO_ROOT, run_python
 
-REPO_ROOT = Path(verl_sb3.__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "verification_overhead.py"
 
 
 def test_quick_overhead_benchmark_prints_every_ratio():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick"], capture_output=True, text=True, env=env,
-                            cwd=str(REPO_ROOT), timeout=300)
+    result = run_python(SCRIPT, "--quick")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     parents = [float(x) for x in re.findall(r"parent\s+([\d.]+) us/step", out)]

@@ -3,11 +3,7 @@
 from __future__ import annotations
 
 import importlib
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import gymnasium as gym
 import numpy as np
@@ -17,17 +13,12 @@ from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker
 import textenv_gym
 from textenv_gym import TextGenEnv, TextGenVectorEnv
 
-REPO_ROOT = Path(textenv_gym.__file__).resolve().parent.parent
+from _scripts import run_python
 
 
 def run_fresh(code: str) -> str:
     """Run ``code`` in a new interpreter that can import textenv_gym (but has not); its stdout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-        cwd=str(REPO_ROOT), timeout=120,
-    )
+    result = run_python("-c", textwrap.dedent(code), timeout=120)
     assert result.returncode == 0, result.stderr
     return result.stdout
 

@@ -3,15 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import os
 import re
-import subprocess
-import sys
-from pathlib import Path
 
-import textenv_gym
+from _scripts import REPO_ROOT, run_python
 
-REPO_ROOT = Path(textenv_gym.__file__).resolve().parent.parent
 SCRIPT = REPO_ROOT / "benchmarks" / "soak.py"
 ROW = re.compile(
     r"^\s*(?P<steps>[\d,]+)\s+(?P<updates>[\d,]+)\s+(?P<wall>[\d.]+)\s+(?P<rate>[\d,]+)\s+(?P<rss>[\d.]+)\s+"
@@ -46,10 +41,7 @@ def test_quick_soak_reports_memory_and_an_unbounded_log(capsys):
 
 
 def test_quick_soak_with_a_bounded_log_from_the_command_line():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(SCRIPT), "--quick", "--max-log-entries", "4", "--bound", "3"],
-                            capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=300)
+    result = run_python(SCRIPT, "--quick", "--max-log-entries", "4", "--bound", "3")
     assert result.returncode == 0, result.stderr
     out = result.stdout
     table = rows(out)
