@@ -162,10 +162,20 @@ def advantage_alignment(ctx: UpdateContext) -> float:
     return (moved[moved != 0] > 0).float().mean().item() if (moved != 0).any() else float("nan")
 
 
+def count_non_finite(tensors: Sequence[th.Tensor]) -> int:
+    """How many values of ``tensors`` are NaN or infinite (0 quickly when all are finite).
+
+    A tensor's sum is non-finite whenever one of its values is, so finite sums settle the
+    common case at the cost of one sum per tensor; only otherwise are the values counted.
+    """
+    if not tensors or bool(th.isfinite(th.stack([t.sum() for t in tensors])).all()):
+        return 0
+    return int(sum((~th.isfinite(t)).sum() for t in tensors))
+
+
 def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
     """Every policy parameter and every new action log-probability is finite."""
-    all_finite = not ctx.parameters or bool(th.isfinite(th.stack([p.sum() for p in ctx.parameters])).all())
-    bad = 0 if all_finite else int(sum((~th.isfinite(p)).sum() for p in ctx.parameters))
+    bad = count_non_finite(ctx.parameters)
     probabilities = ctx.probabilities("new")
     values = probabilities if probabilities is not None else ctx.new_log_prob
     # a sum is non-finite whenever one of its terms is: one pass settles the common case

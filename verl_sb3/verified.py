@@ -321,15 +321,7 @@ class VerificationMixin:
         return [p.detach() for p in self.policy.parameters()]
 
     def _count_non_finite_parameters(self) -> int:
-        """How many parameter values are NaN or infinite (0 quickly when all are finite).
-
-        A tensor's sum is non-finite whenever one of its values is, so finite sums settle the
-        common case at the cost of one sum per tensor; only otherwise are the values counted.
-        """
-        parameters = self._parameters()
-        if bool(th.isfinite(th.stack([p.sum() for p in parameters])).all()):
-            return 0
-        return int(sum((~th.isfinite(p)).sum() for p in parameters))
+        return C.count_non_finite(self._parameters())
 
     def _non_finite_parameter_names(self) -> list[str]:
         return [name for name, p in self.policy.named_parameters() if not bool(th.isfinite(p).all())]
@@ -451,9 +443,10 @@ class VerificationMixin:
             {k: v for k, v in table.items() if k.startswith(_LOG_PREFIX)}
             for table in (logger.name_to_value, logger.name_to_count, logger.name_to_excluded)
         )
+        policy, optimizer, _ = self._copy_state("before the update")
         return _Snapshot(
-            policy={name: tensor.clone() for name, tensor in self.policy.state_dict().items()},
-            optimizer=_clone_state(self.policy.optimizer.state_dict()),
+            policy=policy,
+            optimizer=optimizer,
             n_updates=self._n_updates,
             extra={name: copy.deepcopy(getattr(self, name)) for name in self._rollback_attribute_names()},
             logged=logged,
