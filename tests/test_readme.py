@@ -42,7 +42,8 @@ def run(block: str) -> dict:
 
 
 def test_every_readme_snippet_is_run_by_a_test():
-    markers = ("TextGen-v0", "no_token_dominates", "load_checkpoint(", "ref_kl_coef=", '"SLMTransformerPolicy"', "vocab_size=5000")
+    markers = ("TextGen-v0", "no_token_dominates", "load_checkpoint(", "ref_kl_coef=", '"SLMTransformerPolicy"', "vocab_size=5000",
+               "CriticWarmupCallback(5)")
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
 
@@ -73,6 +74,13 @@ def test_readme_reference_kl_snippet_runs(tmp_path, monkeypatch, capsys):
     model = run(block_with("ref_kl_coef="))["model"]
     assert model.ref_policy is not None and model.kl_ctrl.value != 0.05  # adapted
     assert "AdaptiveKLController" in capsys.readouterr().out
+
+
+def test_readme_critic_warmup_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    log = run(block_with("CriticWarmupCallback(5)"))["model"].verification_log
+    assert len(log) == 10
+    assert all(entry["kl"] < 1e-6 for entry in log[:5]) and all(entry["kl"] > 1e-4 for entry in log[5:])
 
 
 def test_readme_transformer_snippet_runs(tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import CheckResult, VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.checkpoints import TRAINING_STATE_ENTRY, CheckpointError, load_checkpoint, resume_checkpoint, save_checkpoint
+from verl_sb3.warmup import CriticWarmupCallback
 from verl_sb3.training import TrainConfig, train
 
 ENV = dict(vocab_size=8, max_length=6)
@@ -163,15 +164,17 @@ def test_resume_in_a_fresh_process(uninterrupted, tmp_path):
 
 def test_the_training_jobs_periodic_checkpoint_resumes_to_its_final_model(tmp_path):
     tiny = dict(total_timesteps=2048, n_envs=8, n_steps=20, batch_size=80, eval_freq=1024, checkpoint_freq=1024,
-                eval_sequences=20, final_eval_sequences=20, progress_bar=False, target_entropy=3.8,
+                eval_sequences=20, final_eval_sequences=20, progress_bar=False, target_entropy=3.8, critic_warmup=8,
                 output_dir=str(tmp_path))
     config = TrainConfig(**tiny)
     final = train(config)["model"]
     periodic = sorted((tmp_path / "model_checkpoints").glob("model_*_steps.zip"))
     assert periodic
     resumed = resume_checkpoint(periodic[0], make_textgen_vec_env(config.n_envs, seed=config.seed, **config.textgen.as_kwargs()))
-    assert 0 < resumed.num_timesteps < final.num_timesteps
-    resumed.learn(config.total_timesteps - resumed.num_timesteps, reset_num_timesteps=False)
+    # the first checkpoint falls within the critic warm-up (8 updates of 160 steps): it goes on
+    assert 0 < resumed.num_timesteps < config.critic_warmup * config.n_envs * config.n_steps
+    resumed.learn(config.total_timesteps - resumed.num_timesteps, reset_num_timesteps=False,
+                  callback=CriticWarmupCallback(config.critic_warmup))
     assert_identical(resumed, final)
     assert final.ent_coef > 0  # the controller moved
 

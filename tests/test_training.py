@@ -161,6 +161,8 @@ def test_same_seed_same_numbers(run, rerun):
         (dict(learning_rate="fast"), "learning_rate"),
         (dict(learning_rate_final=0.0), "learning_rate_final"),
         (dict(learning_rate_final="slow"), "learning_rate_final"),
+        (dict(critic_warmup=-1), "critic_warmup"),
+        (dict(critic_warmup=2.5), "critic_warmup"),
         (dict(kl_threshold=-0.1), "kl_threshold"),
         (dict(kl_threshold=float("inf")), "kl_threshold"),
         (dict(vocab_size=1), "vocab_size"),

@@ -29,6 +29,7 @@ from verl_sb3.checkpoints import save_checkpoint
 from verl_sb3.dashboard import plot_dashboard
 from verl_sb3.evaluation import evaluate_model, evaluation_table, markdown_table, save_evaluation
 from verl_sb3.verified import DEFAULT_KL_THRESHOLD, VerifiedRecurrentPPO
+from verl_sb3.warmup import CriticWarmupCallback
 
 RANDOM_POLICY_RETURN = 18.24  # uniform random policy, vocabulary 50, length 20 (measured, see README)
 
@@ -49,10 +50,11 @@ class TrainConfig:
     output_dir: str = "results"
     n_steps: int = 20
     batch_size: int = 320
-    n_epochs: int = 4
+    n_epochs: int = 5
     gamma: float = 1.0
     gae_lambda: float = 0.8
     clip_range: float = 0.2
+    critic_warmup: int = 10
     ent_coef: float = 0.0
     target_entropy: float | None = 2.3
     ref_kl_coef: float | None = None
@@ -82,8 +84,10 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise ValueError(f"seed: expected an integer >= 0, got {self.seed!r}")
+        for name in ("seed", "critic_warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
         for name in ("learning_rate", "kl_threshold", "clip_range", "max_grad_norm"):
             number(name, 0.0, open_low=True)
         for name in ("gamma", "gae_lambda"):
@@ -287,7 +291,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     recorder = TrainingRecorder(config, output)
     start = time.perf_counter()
     try:
-        model.learn(config.total_timesteps, callback=CallbackList([recorder]), progress_bar=config.progress_bar)
+        callbacks = CallbackList([CriticWarmupCallback(config.critic_warmup), recorder])
+        model.learn(config.total_timesteps, callback=callbacks, progress_bar=config.progress_bar)
     finally:
         recorder.close()
     train_seconds = time.perf_counter() - start

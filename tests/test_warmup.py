@@ -1,0 +1,91 @@
+"""Critic warm-up: the first updates change the value function only."""
+
+from __future__ import annotations
+
+import gymnasium as gym
+import pytest
+import torch as th
+from stable_baselines3 import PPO
+
+from textenv_gym.sb3_vec_env import make_textgen_vec_env
+from verl_sb3 import CriticWarmupCallback, VerifiedPPO, VerifiedRecurrentPPO
+from verl_sb3.warmup import critic_parameters
+
+
+def snapshot(parameters) -> list[th.Tensor]:
+    return [p.detach().clone() for p in parameters]
+
+
+def changed(before: list[th.Tensor], parameters) -> list[bool]:
+    return [not th.equal(b, p.detach()) for b, p in zip(before, parameters)]
+
+
+def split(policy) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
+    critic_ids = {id(p) for p in critic_parameters(policy)}
+    params = list(policy.parameters())
+    return [p for p in params if id(p) not in critic_ids], [p for p in params if id(p) in critic_ids]
+
+
+def slm_model(**kwargs) -> VerifiedRecurrentPPO:
+    env = make_textgen_vec_env(4, seed=0, vocab_size=8, max_length=6)
+    return VerifiedRecurrentPPO("SLMLstmPolicy", env, n_steps=6, batch_size=24, n_epochs=2, learning_rate=3e-3,
+                                seed=0, policy_kwargs=dict(enable_critic_lstm=False), **kwargs)
+
+
+@pytest.mark.parametrize("critic_lstm", [False, True])
+def test_warmup_trains_the_critic_and_leaves_the_actor_bit_for_bit(critic_lstm):
+    model = slm_model() if not critic_lstm else VerifiedRecurrentPPO(
+        "SLMLstmPolicy", make_textgen_vec_env(4, seed=0, vocab_size=8, max_length=6),
+        n_steps=6, batch_size=24, n_epochs=2, learning_rate=3e-3, seed=0)
+    actor, critic = split(model.policy)
+    assert actor and critic
+    actor_before, critic_before = snapshot(actor), snapshot(critic)
+    rollout = 4 * 6
+    model.learn(2 * rollout, callback=CriticWarmupCallback(2))
+    assert not any(changed(actor_before, actor))
+    assert all(changed(critic_before, critic))
+    assert not any(state for p in actor for state in model.policy.optimizer.state.get(p, {}).values())
+    assert len(model.verification_log) == 2
+    assert all(entry["kl"] < 1e-6 for entry in model.verification_log)  # float rounding of the old batch's pass
+    assert all(p.requires_grad for p in model.policy.parameters())  # restored when learn() ends
+
+    # the same callback settings on a continued run: past the warm-up, the actor trains
+    model.learn(rollout, callback=CriticWarmupCallback(2), reset_num_timesteps=False)
+    assert any(changed(actor_before, actor))
+    assert model.verification_log[-1]["kl"] > 1e-4
+
+
+def test_zero_updates_is_no_warmup():
+    warm = slm_model()  # built and trained one after the other: SB3 seeds torch's global generator
+    warm.learn(24, callback=CriticWarmupCallback(0))
+    cold = slm_model()
+    cold.learn(24)
+    for a, b in zip(warm.policy.parameters(), cold.policy.parameters()):
+        assert th.equal(a, b)
+
+
+def test_ppo_mlp_policy_on_cartpole():
+    model = VerifiedPPO("MlpPolicy", gym.make("CartPole-v1"), n_steps=64, batch_size=64, n_epochs=2, seed=0,
+                        policy_kwargs=dict(net_arch=[16]))
+    actor, critic = split(model.policy)
+    names = {n for n, p in model.policy.named_parameters() if any(p is c for c in critic)}
+    assert names == {"mlp_extractor.value_net.0.weight", "mlp_extractor.value_net.0.bias", "value_net.weight", "value_net.bias"}
+    actor_before, critic_before = snapshot(actor), snapshot(critic)
+    model.learn(64, callback=CriticWarmupCallback(1))
+    assert not any(changed(actor_before, actor)) and all(changed(critic_before, critic))
+
+
+def test_a_separate_critic_features_extractor_is_the_critics():
+    shared = PPO("MlpPolicy", gym.make("CartPole-v1"), policy_kwargs=dict(net_arch=[8], share_features_extractor=True))
+    separate = PPO("MlpPolicy", gym.make("CartPole-v1"), policy_kwargs=dict(net_arch=[8], share_features_extractor=False))
+    extractor = th.nn.Linear(1, 1)  # FlattenExtractor has no parameters: give the critic's one some
+    separate.policy.vf_features_extractor.add_module("probe", extractor)
+    shared.policy.features_extractor.add_module("probe", th.nn.Linear(1, 1))
+    assert any(p is extractor.weight for p in critic_parameters(separate.policy))
+    assert not any(p is shared.policy.features_extractor.probe.weight for p in critic_parameters(shared.policy))
+
+
+@pytest.mark.parametrize("updates", [-1, 1.5, True, "10"])
+def test_invalid_updates_are_rejected(updates):
+    with pytest.raises(ValueError, match="updates: expected an integer >= 0"):
+        CriticWarmupCallback(updates)
