@@ -24,8 +24,8 @@ Runs (``--runs``, any of a,b,b',c,d,e):
 ``--stress`` trains ``a`` and ``b`` (or ``--runs``) at ``--lr-factors`` (default 3 and 10) times the
 default learning rate instead (both ends of its linear decay).
 
-    python benchmarks/learning.py              # full: 1,200,000 steps per run, <= 300 s each (~20 min)
-    python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b (~6 min)
+    python benchmarks/learning.py              # full: 1,200,000 steps per run, <= 300 s each (~29 min)
+    python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b (~15 min)
     python benchmarks/learning.py --quick      # smoke test (< 60 s)
 
 Prints one table (time and steps to first reach a mean return of 19.0 / 19.5 / 19.8, best and
@@ -395,7 +395,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.eval_every = 2_000 if args.quick else 25_000
     if args.eval_sequences is None:
         # 5000: a repetition rate near the 0.9 % bar is measured to about +-0.13 points (one standard
-        # error); with 1000 sequences a uniform random policy (0.72 %) fails the bar one time in four
+        # error); a uniform random policy (0.72 %) fails the bar in 19 % of 1000-sequence evaluations
         args.eval_sequences = 50 if args.quick else 5000
     if args.runs is None:
         args.runs = ["a", "b"] if args.stress else list(RUN_NAMES)

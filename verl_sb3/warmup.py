@@ -52,7 +52,7 @@ class CriticWarmupCallback(BaseCallback):
 
     @property
     def warmup_timesteps(self) -> int:
-        return self.updates * self.model.n_steps * self.model.get_env().num_envs
+        return self.updates * self.model.n_steps * self.model.n_envs
 
     def _set_actor_trainable(self, trainable: bool) -> None:
         critic = {id(p) for p in critic_parameters(self.model.policy)}
