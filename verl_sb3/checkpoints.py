@@ -156,7 +156,8 @@ def resume_checkpoint(path: str | Path, env: Any, cls: type[BaseAlgorithm] | Non
     """Load a checkpoint to train on, as if training had not stopped.
 
     Then ``model.learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False)``, with the
-    run's callbacks that act on training (the training job's ``CriticWarmupCallback``), gives, on the CPU with the same library versions, bit for bit the run that was not interrupted
+    run's callbacks that act on training (the training job's ``CriticWarmupCallback``), gives, on
+    the CPU with the same library versions, bit for bit the run that was not interrupted
     (parameters, optimizer, verification log, ``ent_coef``, counters), when the checkpoint was
     written by :func:`save_checkpoint` between two updates (after ``learn`` returned, or from a
     callback's ``_on_rollout_start``, as :class:`verl_sb3.training.TrainingRecorder` does) with
