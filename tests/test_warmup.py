@@ -26,17 +26,15 @@ def split(policy) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
     return [p for p in params if id(p) not in critic_ids], [p for p in params if id(p) in critic_ids]
 
 
-def slm_model(**kwargs) -> VerifiedRecurrentPPO:
+def slm_model(critic_lstm: bool = False) -> VerifiedRecurrentPPO:
     env = make_textgen_vec_env(4, seed=0, vocab_size=8, max_length=6)
     return VerifiedRecurrentPPO("SLMLstmPolicy", env, n_steps=6, batch_size=24, n_epochs=2, learning_rate=3e-3,
-                                seed=0, policy_kwargs=dict(enable_critic_lstm=False), **kwargs)
+                                seed=0, policy_kwargs=dict(enable_critic_lstm=critic_lstm))
 
 
 @pytest.mark.parametrize("critic_lstm", [False, True])
 def test_warmup_trains_the_critic_and_leaves_the_actor_bit_for_bit(critic_lstm):
-    model = slm_model() if not critic_lstm else VerifiedRecurrentPPO(
-        "SLMLstmPolicy", make_textgen_vec_env(4, seed=0, vocab_size=8, max_length=6),
-        n_steps=6, batch_size=24, n_epochs=2, learning_rate=3e-3, seed=0)
+    model = slm_model(critic_lstm)
     actor, critic = split(model.policy)
     assert actor and critic
     actor_before, critic_before = snapshot(actor), snapshot(critic)
