@@ -56,6 +56,15 @@ def test_kl_reports_the_maximum_over_states():
     assert f"max over states {per_state.max().item():.4g}" in result.message
 
 
+def test_kl_mean_never_exceeds_its_maximum():
+    # six equal per-state KLs of 9.54e-7: their float32 mean rounds above them (found by the property tests)
+    ctx = context(th.zeros(6, 3), th.zeros(6, 3))
+    ctx.kl = th.full((6,), 9.536749985272763e-07)
+    assert ctx.kl.mean().item() > ctx.kl.max().item()  # the float32 rounding this guards against
+    result = C.kl_check(ctx, 1.0)
+    assert result.value <= result.details["max"] == ctx.kl.max().item()
+
+
 def test_nan_advantage_fails_advantage_finite():
     assert C.advantage_finite_check(context(UNIFORM, UNIFORM)).passed
     result = C.advantage_finite_check(context(UNIFORM, UNIFORM, advantages=[0.5, math.nan, -0.5, 1.0], returns=[0.0] * 4))

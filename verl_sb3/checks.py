@@ -96,7 +96,8 @@ def _finite(value: float) -> bool:
 
 def kl_check(ctx: UpdateContext, kl_threshold: float) -> CheckResult:
     """Exact mean KL(old || new) over the full action distribution is at most ``kl_threshold``."""
-    mean_kl = ctx.kl.mean().item()
+    # float64 mean: float32's can round above the largest value (6 equal KLs of 9.54e-7 give mean > max)
+    mean_kl = ctx.kl.double().mean().item()
     max_kl = ctx.kl.max().item() if ctx.kl.numel() else 0.0
     passed = _finite(mean_kl) and mean_kl <= kl_threshold
     return CheckResult(passed, mean_kl, kl_threshold, f"mean KL {mean_kl:.4g} (max over states {max_kl:.4g})", {"max": max_kl})
