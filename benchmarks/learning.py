@@ -14,7 +14,8 @@ Runs (``--runs``, any of a,b,b',c,d,e):
 - ``b``:  the same SLM, policy_kwargs and PPO hyper-parameters on the parent ``RecurrentPPO``,
   unverified, with the fixed starting ``ent_coef`` (the adaptation lives in the verified class);
 - ``b'``: VerifiedRecurrentPPO with verification made permissive (every tolerance 1e9,
-  ``min_entropy=0``, no backtracking) but the same ``target_entropy``: ``a`` minus verification;
+  ``min_entropy=0``, ``max_repeat_prob=1``, no backtracking) but the same ``target_entropy``: ``a``
+  minus verification;
 - ``c``:  sb3-contrib ``RecurrentPPO("MlpLstmPolicy", env)`` at its defaults, 8 envs;
 - ``d``:  SB3 ``PPO("MlpPolicy", env)`` at its defaults, 8 envs;
 - ``e``:  ``VerifiedPPO`` + ``SLMTransformerPolicy`` (a causal transformer SLM, not recurrent) on the
@@ -73,6 +74,11 @@ from verl_sb3.training import RANDOM_POLICY_RETURN, TrainConfig, build_model  # 
 from verl_sb3.verified import VerificationMixin  # noqa: E402
 
 RANDOM_POLICY_REPETITION = 0.009  # uniform random policy: 0.9 % of sequences hold a run of 3 (README)
+RANDOM_POLICY_RETURN_STD = 1.106  # standard deviation of a uniform random policy's return (200,000 sequences)
+#: An evaluation within three standard errors of either "no worse than random" bar is inconclusive:
+#: it is repeated on this many fresh sequences, whose figures replace it. A policy at the uniform
+#: rate (0.72 %) exceeds the 0.9 % bar in 6 % of 5,000-sequence evaluations, 0.1 % of 20,000-sequence ones.
+CONFIRM_SEQUENCES = 20_000
 OPTIMAL_RETURN = 20.0
 THRESHOLDS = (19.0, 19.5, 19.8)
 BASELINE_ENVS = 8  # (c) and (d): sb3 defaults, with our vec env
@@ -108,8 +114,8 @@ def transformer_kwargs(config: TrainConfig) -> dict[str, Any]:
     """Run (e)'s VerifiedPPO arguments: ``config``'s PPO and verification settings, ``TRANSFORMER_RUN``
     on top, the policy's default ``policy_kwargs``."""
     kwargs = {**slm_kwargs(config), **TRANSFORMER_RUN, "policy_kwargs": {}}
-    return dict(kwargs, kl_threshold=config.kl_threshold, target_entropy=config.target_entropy,
-                ref_kl_coef=config.ref_kl_coef, **config.verification)
+    return dict(kwargs, kl_threshold=config.kl_threshold, max_repeat_prob=config.max_repeat_prob,
+                target_entropy=config.target_entropy, ref_kl_coef=config.ref_kl_coef, **config.verification)
 
 
 def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAlgorithm:
@@ -125,7 +131,7 @@ def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAl
     elif name == "b'":
         model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate,
                                         learning_rate_final=config.learning_rate_final, kl_threshold=PERMISSIVE_KL,
-                                        verification=dict(PERMISSIVE)))
+                                        max_repeat_prob=1.0, verification=dict(PERMISSIVE)))
     elif name == "e":
         model = VerifiedPPO(SLMTransformerPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **transformer_kwargs(config))
     elif name in ("c", "d"):
@@ -153,13 +159,17 @@ DESCRIPTIONS = {
 class EvaluationRecorder(BaseCallback):
     """Evaluates between rollouts every ``eval_every`` steps and at the end; stops after ``max_seconds``.
 
-    ``train_seconds`` is the wall time since training started minus the time spent evaluating.
+    An evaluation near the random policy's bars (:func:`near_random_bars`) is repeated on
+    ``confirm_sequences`` fresh sequences, which replace it. ``train_seconds`` is the wall time
+    since training started minus the time spent evaluating.
     """
 
-    def __init__(self, eval_every: int, n_sequences: int, seed: int, max_seconds: float) -> None:
+    def __init__(self, eval_every: int, n_sequences: int, seed: int, max_seconds: float,
+                 confirm_sequences: int = CONFIRM_SEQUENCES) -> None:
         super().__init__()
         self.eval_every = eval_every
         self.n_sequences = n_sequences
+        self.confirm_sequences = confirm_sequences
         self.seed = seed
         self.max_seconds = max_seconds
         self.evaluations: list[dict[str, float]] = []
@@ -196,9 +206,17 @@ class EvaluationRecorder(BaseCallback):
         train_seconds = self.train_seconds
         begin = time.perf_counter()
         figures = evaluate_model(self.model, n_sequences=self.n_sequences, seed=self.seed + len(self.evaluations))
+        screening = None
+        if self.confirm_sequences > self.n_sequences and near_random_bars(figures, self.n_sequences):
+            screening = {"n_sequences": self.n_sequences, "mean_return": figures["mean_return"],
+                         "repetition_rate": figures["repetition_rate"]}
+            figures = evaluate_model(self.model, n_sequences=self.confirm_sequences,
+                                     seed=self.seed + 100_000 + len(self.evaluations))
         self._eval_seconds += time.perf_counter() - begin
         self.evaluations.append({
             "timesteps": int(self.num_timesteps),
+            "n_sequences": figures["n_sequences"],
+            "screening": screening,
             "wall_time": train_seconds,
             "mean_return": figures["mean_return"],
             "repetition_rate": figures["repetition_rate"],
@@ -207,6 +225,16 @@ class EvaluationRecorder(BaseCallback):
             "diversity": figures["diversity"],
             "verification_rate": figures["verification_rate"],
         })
+
+
+def near_random_bars(figures: dict[str, float], n_sequences: int) -> bool:
+    """Whether an evaluation on ``n_sequences`` lies within three standard errors of the random
+    policy's return or repetition bar, so that sampling alone could put it on either side."""
+    p = RANDOM_POLICY_REPETITION
+    repetition_margin = 3 * math.sqrt(p * (1 - p) / n_sequences)
+    return_margin = 3 * RANDOM_POLICY_RETURN_STD / math.sqrt(n_sequences)
+    return (abs(figures["repetition_rate"] - p) <= repetition_margin
+            or abs(figures["mean_return"] - RANDOM_POLICY_RETURN) <= return_margin)
 
 
 @dataclass
@@ -250,7 +278,7 @@ def train_run(name: str, args: argparse.Namespace, learning_rate_factor: float =
     th.set_num_threads(1)
     key = name if learning_rate_factor == 1.0 else f"{name} x{learning_rate_factor:g}"
     model = build_run(name, args.seed, learning_rate_factor)
-    recorder = EvaluationRecorder(args.eval_every, args.eval_sequences, args.seed, args.max_seconds)
+    recorder = EvaluationRecorder(args.eval_every, args.eval_sequences, args.seed, args.max_seconds, args.confirm_sequences)
     callbacks = [recorder]
     if name in DEFAULT_TRAINING_RUNS:  # the default training's critic warm-up
         callbacks.insert(0, CriticWarmupCallback(TrainConfig().critic_warmup))
@@ -380,6 +408,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-seconds", type=_positive_float, default=None, help="wall-clock cap per run (default 300)")
     parser.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default 25,000)")
     parser.add_argument("--eval-sequences", type=_positive_int, default=None, help="sequences per evaluation (default 5000)")
+    parser.add_argument("--confirm-sequences", type=_positive_int, default=None,
+                        help="sequences of the repeat of an evaluation near the random bars (default 20000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=_runs, default=None, help="subset of a,b,b',c,d,e (default all; a,b with --stress)")
     parser.add_argument("--lr-factors", type=_factors, default=[3.0, 10.0], help="learning-rate factors of --stress")
@@ -397,6 +427,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         # 5000: a repetition rate near the 0.9 % bar is measured to about +-0.13 points (one standard
         # error); a uniform random policy (0.72 %) fails the bar in 19 % of 1000-sequence evaluations
         args.eval_sequences = 50 if args.quick else 5000
+    if args.confirm_sequences is None:
+        args.confirm_sequences = 200 if args.quick else CONFIRM_SEQUENCES
     if args.runs is None:
         args.runs = ["a", "b"] if args.stress else list(RUN_NAMES)
     return args
@@ -409,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
     mode = "stress" if args.stress else "default"
     print(f"Learning benchmark ({mode}{', quick' if args.quick else ''}): {args.steps:,} steps per run, "
           f"<= {args.max_seconds:g} s per run, evaluation every {args.eval_every:,} steps on {args.eval_sequences} "
-          f"sequences, seed {args.seed}, 1 thread", flush=True)
+          f"sequences ({args.confirm_sequences} when near the random policy's bars), seed {args.seed}, 1 thread", flush=True)
     if args.stress:
         default = TrainConfig()
         print(f"learning rate x {', x'.join(f'{f:g}' for f in factors)} (default {default.learning_rate:g}, "

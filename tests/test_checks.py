@@ -120,6 +120,37 @@ def test_forbidden_mass_raised_above_the_bound_fails():
     assert C.forbidden_mass_check(context(UNIFORM, UNIFORM, forbidden_tokens=(2,)), 0.5).passed
 
 
+def test_repeat_mass_raised_above_the_bound_fails():
+    previous = th.tensor([0, 1, 2, -1])  # the last state has no previous token
+    raised = th.zeros(4, 3)
+    raised[th.arange(3), previous[:3]] = 3.0  # each state's previous token made likelier
+    ctx = context(UNIFORM, raised, previous_tokens=previous)
+    result = C.repeat_mass_check(ctx, 0.5)
+    by_hand = float(th.softmax(th.tensor([3.0, 0.0, 0.0]), 0)[0])  # the same for the three states
+    assert not result.passed and result.value == pytest.approx(by_hand)
+    assert C.repeat_mass_check(ctx, 0.95).passed
+    lowered = context(UNIFORM, -raised, previous_tokens=previous)
+    assert C.repeat_mass_check(lowered, 0.05).passed  # above the bound but lower than before
+    # only the state without a previous token changes: nothing is measured on it
+    other = th.zeros(4, 3)
+    other[3, 0] = 9.0
+    assert C.repeat_mass_check(context(UNIFORM, other, previous_tokens=previous), 0.0).value == pytest.approx(1 / 3)
+    none = context(UNIFORM, raised, previous_tokens=th.full((4,), -1))
+    assert C.repeat_mass_check(none, 0.0).passed
+    with pytest.raises(ValueError, match="max_repeat_prob"):
+        C.repeat_mass_check(context(UNIFORM, raised), 0.5)
+
+
+def test_kl_with_a_zero_probability_action_counts_it_as_zero():
+    old = th.tensor([[0.0, 0.0, -math.inf]] * 4)  # token 2 impossible before the update
+    new = th.tensor([[0.0, 1.0, 2.0]] * 4)
+    p = th.tensor([0.5, 0.5])
+    q = th.softmax(new[0], 0)[:2]
+    by_hand = float((p * (p.log() - q.log())).sum())
+    assert C.kl_check(context(old, new), 10.0).value == pytest.approx(by_hand, rel=1e-6)
+    assert C.kl_check(context(new, old), 10.0).value == math.inf  # the new policy rules out a possible token
+
+
 def test_returns_too_large_or_non_finite_fail_the_return_bound():
     assert C.return_bound_check(context(UNIFORM, UNIFORM, values=[1.0, 2.0, 3.0, 4.0]), 10.0).passed
     spike = C.return_bound_check(context(UNIFORM, UNIFORM, returns=[0.5, 1e6, 1.0, 2.0]), 1e4)

@@ -45,6 +45,12 @@ def check_row(row: dict[str, str], run_data: dict) -> None:
             assert 0 < hit_steps <= steps and 0 <= hit_seconds <= seconds + 0.05
     evaluations = run_data["evaluations"]
     assert [e["timesteps"] for e in evaluations] == sorted(e["timesteps"] for e in evaluations)
+    for e in evaluations:  # quick mode: 50 sequences, repeated on 200 when within 3 standard errors of a bar
+        screened = e["screening"] or e
+        near = (abs(screened["repetition_rate"] - 0.009) <= 3 * (0.009 * 0.991 / 50) ** 0.5
+                or abs(screened["mean_return"] - 18.24) <= 3 * 1.106 / 50**0.5)
+        assert near == (e["screening"] is not None)
+        assert e["n_sequences"] == (200 if near else 50)
     assert evaluations[-1]["timesteps"] == steps
     if len(evaluations) < 2:
         assert row["never"] == "n/a"

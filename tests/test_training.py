@@ -109,6 +109,14 @@ def test_learning_rate_decays_linearly_over_the_run(run):
     assert constant.lr_schedule(0.0) == constant.lr_schedule(1.0) == config.learning_rate
 
 
+def test_the_training_job_checks_the_repeat_mass(run):
+    config, _, result = run
+    model = result["model"]
+    assert model.max_repeat_prob == config.max_repeat_prob == TrainConfig().max_repeat_prob == 0.03
+    assert all(entry["checks"]["repeat_mass"]["threshold"] == 0.03 for entry in model.verification_log)
+    assert build_model(TrainConfig(**{**TINY, "max_repeat_prob": None})).max_repeat_prob is None
+
+
 def test_evaluation_files_agree_with_the_result(run):
     config, output, result = run
     markdown = (output / "evaluation.md").read_text()
@@ -214,6 +222,8 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
         ({"ent_coef": float("nan")}, "ent_coef"),
         ({"ref_kl_coef": -0.1}, "ref_kl_coef"),
         ({"target_entropy": -1.0}, "target_entropy"),
+        ({"max_repeat_prob": 1.5}, "max_repeat_prob"),
+        ({"max_repeat_prob": "low"}, "max_repeat_prob"),
         ({"progress_bar": "no"}, "progress_bar"),
         ({"verbose": 5}, "verbose"),
         ({"output_dir": ""}, "output_dir"),

@@ -181,6 +181,20 @@ def test_forbidden_tokens_default_to_the_environment_and_bound_the_mass():
     )
 
 
+def test_repeat_mass_is_measured_on_each_state_previous_token():
+    model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), max_repeat_prob=0.2, **SMALL_RECURRENT)
+    pad = model.action_space.n  # TextGen-v0 pads with the vocabulary size
+    observations = th.tensor([[pad] * 6, [3, pad, pad, pad, pad, pad], [3, 5, 7, 1, 0, 2], [4, 4, 6, pad, pad, pad]],
+                             dtype=th.float32)  # as SB3's buffer stores them
+    assert model._previous_tokens(observations).tolist() == [-1, 3, 2, 6]
+    model.learn(64)
+    check = model.verification_log[0]["checks"]["repeat_mass"]
+    assert check["threshold"] == 0.2 and check["value"] == pytest.approx(1 / 8, abs=0.05)  # near uniform after one update
+    default = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), **SMALL_RECURRENT)
+    default.learn(64)
+    assert default.max_repeat_prob is None and "repeat_mass" not in default.verification_log[0]["checks"]
+
+
 def test_verification_figures_reach_the_logger(tmp_path):
     model = VerifiedPPO("MlpPolicy", "CartPole-v1", **SMALL_PPO)
     model.set_logger(configure(str(tmp_path), ["csv"]))
@@ -231,6 +245,8 @@ def test_save_and_load_keep_settings_and_log(tmp_path):
         (dict(checks=[42]), "checks"),
         (dict(forbidden_tokens=[2]), "forbidden_tokens"),  # CartPole has 2 actions: ids 0, 1
         (dict(max_log_entries=0), "max_log_entries"),
+        (dict(max_repeat_prob=1.5), "max_repeat_prob"),
+        (dict(max_repeat_prob=0.1), "max_repeat_prob"),  # CartPole's observations are not token sequences
     ],
 )
 def test_invalid_settings_name_the_argument(kwargs, message):

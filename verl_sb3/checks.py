@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, kl_divergence
@@ -38,7 +39,8 @@ class UpdateContext:
 
     ``advantages``, ``returns``, ``values``, ``actions`` and the log-probabilities are flat tensors
     over the real samples; the distributions cover the whole (possibly padded) batch, ``mask``
-    selects its real samples. ``kl`` and ``entropy`` are per real sample.
+    selects its real samples. ``kl`` and ``entropy`` are per real sample. Checks read these
+    tensors and must not modify them in place (they may share memory with the distributions).
     """
 
     old_distribution: Distribution
@@ -53,15 +55,23 @@ class UpdateContext:
     normalize_advantage: bool
     parameters: Sequence[th.Tensor]
     forbidden_tokens: Sequence[int] = ()
+    #: per real sample, the last token of its state's sequence (-1 when it has none); set for the
+    #: repeat-mass check (token-sequence observations), else None
+    previous_tokens: th.Tensor | None = None
 
     def __post_init__(self) -> None:
+        self._all_real = bool(self.mask.all())
         # KL >= 0; float32 rounding can give -5e-7 for one distribution written with shifted logits.
         # clamp_min keeps NaN, which the checks must see.
-        self.kl = _kl(self.old_distribution, self.new_distribution)[self.mask].clamp_min(0.0)
+        self.kl = self.real(_kl(self.old_distribution, self.new_distribution)).clamp_min(0.0)
         self.entropy = self.new_distribution.entropy()
-        self.entropy = self.entropy[self.mask] if self.entropy is not None else -self.new_log_prob
+        self.entropy = self.real(self.entropy) if self.entropy is not None else -self.new_log_prob
 
-    @property
+    def real(self, values: th.Tensor) -> th.Tensor:
+        """The rows of a whole-batch tensor that belong to real samples (itself when nothing is padding)."""
+        return values if self._all_real else values[self.mask]
+
+    @cached_property
     def normalized_advantages(self) -> th.Tensor:
         """Advantages scaled as PPO's loss sees them over the whole batch."""
         return (self.advantages - self.advantages.mean()) / (self.advantages.std() + 1e-8)
@@ -76,7 +86,7 @@ class UpdateContext:
         distribution = self.new_distribution if which == "new" else self.old_distribution
         if not isinstance(distribution, CategoricalDistribution):
             return None
-        return distribution.distribution.probs[self.mask]
+        return self.real(distribution.distribution.probs)
 
 
 Check = Callable[[UpdateContext], CheckResult]
@@ -85,8 +95,14 @@ Check = Callable[[UpdateContext], CheckResult]
 def _kl(old: Distribution, new: Distribution) -> th.Tensor:
     """Exact KL(old || new) per state: over all logits for Categorical, else SB3's ``kl_divergence``."""
     if isinstance(old, CategoricalDistribution) and isinstance(new, CategoricalDistribution):
-        # torch's Categorical holds normalised log-probabilities as its logits
-        return categorical_kl(old.distribution.logits, new.distribution.logits)
+        # torch's Categorical holds normalised log-probabilities as its logits, and caches its
+        # probabilities: the old policy's are computed once per update, not once per backtrack.
+        old_log_p, new_log_p = old.distribution.logits, new.distribution.logits
+        kl = (old.distribution.probs * (old_log_p - new_log_p)).sum(dim=-1)
+        if bool(th.isfinite(kl.sum())):
+            return kl
+        # a zero probability (log-probability -inf) gives 0 * inf = NaN above; 0 * log(0 / q) = 0
+        return categorical_kl(old_log_p, new_log_p)
     return kl_divergence(old, new)
 
 
@@ -207,3 +223,24 @@ def forbidden_mass_check(ctx: UpdateContext, max_forbidden_prob: float) -> Check
     old_mass = old[:, tokens].sum(dim=1).mean().item()
     passed = _finite(new_mass) and (new_mass <= max_forbidden_prob or new_mass <= old_mass)
     return CheckResult(passed, new_mass, max_forbidden_prob, f"forbidden mass {old_mass:.4g} -> {new_mass:.4g}")
+
+
+def repeat_mass_check(ctx: UpdateContext, max_repeat_prob: float) -> CheckResult:
+    """Mean probability of repeating the state's previous token stays at most ``max_repeat_prob``, or did not rise.
+
+    Taken over the states that have a previous token. Degenerate repetition is a language
+    model's typical failure (TextGen-v0 penalises three identical tokens in a row); a uniform
+    policy over ``V`` tokens has ``1 / V``. As for the forbidden mass, an update that lowers the
+    mass always passes.
+    """
+    new, old = ctx.probabilities("new"), ctx.probabilities("old")
+    if new is None or ctx.previous_tokens is None:
+        raise ValueError("max_repeat_prob: the repeat-mass check needs a Discrete action space and the states' previous tokens")
+    has_previous = ctx.previous_tokens >= 0
+    if not bool(has_previous.any()):
+        return CheckResult(True, 0.0, max_repeat_prob, "no state has a previous token")
+    index = ctx.previous_tokens.clamp(min=0)[:, None]
+    new_mass = new.gather(1, index).squeeze(1)[has_previous].mean().item()
+    old_mass = old.gather(1, index).squeeze(1)[has_previous].mean().item()
+    passed = _finite(new_mass) and (new_mass <= max_repeat_prob or new_mass <= old_mass)
+    return CheckResult(passed, new_mass, max_repeat_prob, f"probability of repeating the previous token {old_mass:.4g} -> {new_mass:.4g}")

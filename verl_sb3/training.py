@@ -44,6 +44,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     learning_rate_final: float | None = 1e-4
     kl_threshold: float = DEFAULT_KL_THRESHOLD
+    max_repeat_prob: float | None = 0.03
     vocab_size: int = 50
     max_length: int = 20
     forbidden_tokens: list[int] = field(default_factory=list)
@@ -98,6 +99,8 @@ class TrainConfig:
             number("learning_rate_final", 0.0, open_low=True)
         if self.target_entropy is not None:
             number("target_entropy", 0.0)
+        if self.max_repeat_prob is not None:
+            number("max_repeat_prob", 0.0, 1.0)
         if self.ref_kl_coef is not None:
             number("ref_kl_coef", 0.0)
         for name in ("progress_bar",):
@@ -274,7 +277,7 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
         policy_kwargs=dict(config.policy_kwargs), seed=config.seed, verbose=config.verbose,
-        kl_threshold=config.kl_threshold, target_entropy=config.target_entropy, ref_kl_coef=config.ref_kl_coef,
+        kl_threshold=config.kl_threshold, max_repeat_prob=config.max_repeat_prob, target_entropy=config.target_entropy, ref_kl_coef=config.ref_kl_coef,
         **config.verification,
     )
     model.env_kwargs = env_kwargs

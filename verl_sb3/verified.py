@@ -105,6 +105,7 @@ class VerificationMixin:
         min_entropy: float | None = DEFAULT_MIN_ENTROPY,
         forbidden_tokens: Sequence[int] | None = None,
         max_forbidden_prob: float = DEFAULT_MAX_FORBIDDEN_PROB,
+        max_repeat_prob: float | None = None,
         returns_tolerance: float = DEFAULT_RETURNS_TOLERANCE,
         advantage_tolerance: float = DEFAULT_ADVANTAGE_TOLERANCE,
         surrogate_tolerance: float = DEFAULT_SURROGATE_TOLERANCE,
@@ -120,6 +121,7 @@ class VerificationMixin:
         self.kl_threshold = require_number("kl_threshold", kl_threshold, 0.0, open_low=True)
         self.min_entropy = None if min_entropy is None else require_number("min_entropy", min_entropy, 0.0)
         self.max_forbidden_prob = require_number("max_forbidden_prob", max_forbidden_prob, 0.0, 1.0)
+        self.max_repeat_prob = None if max_repeat_prob is None else require_number("max_repeat_prob", max_repeat_prob, 0.0, 1.0)
         self.returns_tolerance = require_number("returns_tolerance", returns_tolerance, 0.0)
         self.advantage_tolerance = require_number("advantage_tolerance", advantage_tolerance, 0.0)
         self.surrogate_tolerance = require_number("surrogate_tolerance", surrogate_tolerance, 0.0)
@@ -149,6 +151,8 @@ class VerificationMixin:
         self._recovery: str | None = None  # such a restoration, reported in the next log entry
         super().__init__(policy, env, *args, **kwargs)
         self.forbidden_tokens = self._resolve_forbidden_tokens(forbidden_tokens)
+        if self.max_repeat_prob is not None:
+            self._require_token_sequences("max_repeat_prob")
 
     # ------------------------------------------------------------------ settings
     def _resolve_forbidden_tokens(self, forbidden_tokens: Sequence[int] | None) -> tuple[int, ...]:
@@ -166,6 +170,23 @@ class VerificationMixin:
             if bad:
                 raise ValueError(f"forbidden_tokens: ids must lie in [0, {self.action_space.n - 1}], got {bad}")
         return tokens
+
+    def _require_token_sequences(self, argument: str) -> None:
+        """Raise a ValueError naming ``argument`` unless the spaces are TextGen-v0's kind: Discrete
+        actions (tokens) and observations that are 1-D integer sequences of token ids."""
+        obs, actions = self.observation_space, self.action_space
+        if not (isinstance(actions, spaces.Discrete) and isinstance(obs, spaces.Box) and len(obs.shape) == 1
+                and np.issubdtype(obs.dtype, np.integer)):
+            raise ValueError(f"{argument}: needs Discrete actions and token-sequence observations (a 1-D integer Box, "
+                             f"as TextGen-v0's), got {actions} and {obs}")
+
+    def _previous_tokens(self, observations: th.Tensor) -> th.Tensor:
+        """Per row of token-sequence observations (ids left-aligned, then padding ids >= the number
+        of actions), its last token, or -1 when the sequence is empty."""
+        tokens = observations.long()
+        lengths = (tokens < self.action_space.n).long().cumprod(dim=1).sum(dim=1)
+        last = tokens.gather(1, (lengths - 1).clamp(min=0)[:, None]).squeeze(1)
+        return th.where(lengths > 0, last, -1)
 
     @property
     def verification_rate(self) -> float:
@@ -188,6 +209,8 @@ class VerificationMixin:
             results["entropy"] = C.entropy_check(ctx, self.min_entropy)
         if self.forbidden_tokens:
             results["forbidden_mass"] = C.forbidden_mass_check(ctx, self.max_forbidden_prob)
+        if self.max_repeat_prob is not None:
+            results["repeat_mass"] = C.repeat_mass_check(ctx, self.max_repeat_prob)
         for check in self.checks:
             result = check(ctx)
             if not isinstance(result, CheckResult):
@@ -421,19 +444,25 @@ class VerificationMixin:
             else:
                 new_distribution, new_log_prob = old_distribution, batch.old_log_prob
                 mask = self._real_samples(batch)
+            all_real = bool(mask.all())
+
+            def real(values: th.Tensor) -> th.Tensor:
+                return values if all_real else values[mask]
+
             return UpdateContext(
                 old_distribution=old_distribution,
                 new_distribution=new_distribution,
                 mask=mask,
-                actions=actions[mask],
-                advantages=batch.advantages[mask],
-                returns=batch.returns[mask],
-                values=batch.old_values[mask],
-                old_log_prob=batch.old_log_prob[mask],  # as PPO's ratio uses it
-                new_log_prob=new_log_prob[mask],
+                actions=real(actions),
+                advantages=real(batch.advantages),
+                returns=real(batch.returns),
+                values=real(batch.old_values),
+                old_log_prob=real(batch.old_log_prob),  # as PPO's ratio uses it
+                new_log_prob=real(new_log_prob),
                 normalize_advantage=self.normalize_advantage,
                 parameters=self._parameters(),
                 forbidden_tokens=self.forbidden_tokens,
+                previous_tokens=real(self._previous_tokens(batch.observations)) if self.max_repeat_prob is not None else None,
             )
 
     # ------------------------------------------------------------------ snapshot and rollback
@@ -544,8 +573,10 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
       ``returns_match`` (returns = advantages + values, to ``returns_tolerance``),
       ``advantage_normalization`` (normalised advantages: mean 0 and std 1, to ``advantage_tolerance``),
       ``surrogate`` (mean(ratio * A) - mean(A) >= -``surrogate_tolerance``);
-    - ``finite_parameters``, ``entropy`` (mean entropy >= ``min_entropy``), and, with
+    - ``finite_parameters``, ``entropy`` (mean entropy >= ``min_entropy``); with
       ``forbidden_tokens``, ``forbidden_mass`` (<= ``max_forbidden_prob``, or not higher than before);
+      with ``max_repeat_prob``, ``repeat_mass``: the mean probability of repeating each state's
+      previous token (<= ``max_repeat_prob``, or not higher than before);
     - every user check in ``checks`` and whatever an override of :meth:`verify` adds.
 
     Accepts the policy ``"SLMTransformerPolicy"`` by name besides PPO's.
@@ -562,6 +593,9 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
     :param forbidden_tokens: actions whose probability mass is bounded (Discrete actions); None takes
         the environment's ``config.forbidden_tokens`` when it has one (TextGen-v0).
     :param max_forbidden_prob: bound on the mean probability of the forbidden tokens, in [0, 1].
+    :param max_repeat_prob: bound on the mean probability of repeating the previous token, in [0, 1],
+        or None (default) to skip the check. Needs token-sequence observations (TextGen-v0's); the
+        default training sets it to 0.02, a uniform policy's over 50 tokens.
     :param returns_tolerance: largest accepted |returns - (advantages + values)|, relative to the returns' scale.
     :param advantage_tolerance: largest accepted deviation of normalised advantages from mean 0 / std 1.
     :param surrogate_tolerance: largest accepted decrease of the surrogate objective.
