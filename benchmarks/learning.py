@@ -14,7 +14,7 @@ Runs (``--runs``, any of a,b,b',c,d,e):
 - ``b``:  the same SLM, policy_kwargs and PPO hyper-parameters on the parent ``RecurrentPPO``,
   unverified, with the fixed starting ``ent_coef`` (the adaptation lives in the verified class);
 - ``b'``: VerifiedRecurrentPPO with verification made permissive (every tolerance 1e9,
-  ``min_entropy=0``, ``max_repeat_prob=1``, no backtracking) but the same ``target_entropy``: ``a``
+  ``min_entropy=0``, repeat-mass bound 1, no backtracking) but the same ``target_entropy``: ``a``
   minus verification;
 - ``c``:  sb3-contrib ``RecurrentPPO("MlpLstmPolicy", env)`` at its defaults, 8 envs;
 - ``d``:  SB3 ``PPO("MlpPolicy", env)`` at its defaults, 8 envs;
@@ -25,7 +25,7 @@ Runs (``--runs``, any of a,b,b',c,d,e):
 ``--stress`` trains ``a`` and ``b`` (or ``--runs``) at ``--lr-factors`` (default 3 and 10) times the
 default learning rate instead (both ends of its linear decay).
 
-    python benchmarks/learning.py              # full: 1,200,000 steps per run, <= 300 s each (~29 min)
+    python benchmarks/learning.py              # full: 1,200,000 steps per run, <= 300 s each (~30 min)
     python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b (~15 min)
     python benchmarks/learning.py --quick      # smoke test (< 60 s)
 
@@ -131,7 +131,8 @@ def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAl
     elif name == "b'":
         model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate,
                                         learning_rate_final=config.learning_rate_final, kl_threshold=PERMISSIVE_KL,
-                                        max_repeat_prob=1.0, verification=dict(PERMISSIVE)))
+                                        repeat_mass_factor=default.vocab_size,  # a bound of 1
+                                        verification=dict(PERMISSIVE)))
     elif name == "e":
         model = VerifiedPPO(SLMTransformerPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **transformer_kwargs(config))
     elif name in ("c", "d"):
@@ -409,7 +410,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default 25,000)")
     parser.add_argument("--eval-sequences", type=_positive_int, default=None, help="sequences per evaluation (default 5000)")
     parser.add_argument("--confirm-sequences", type=_positive_int, default=None,
-                        help="sequences of the repeat of an evaluation near the random bars (default 20000)")
+                        help="sequences of the repeat of an evaluation near the random bars (default 20000; "
+                             "not larger than --eval-sequences: no repeat)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--runs", type=_runs, default=None, help="subset of a,b,b',c,d,e (default all; a,b with --stress)")
     parser.add_argument("--lr-factors", type=_factors, default=[3.0, 10.0], help="learning-rate factors of --stress")

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
+import sys
+
+import pytest
 
 from _scripts import REPO_ROOT, run_python
 
@@ -107,3 +111,23 @@ def test_rejects_bad_flags(tmp_path):
     assert result.returncode == 2 and "--runs" in result.stderr
     result = run_python(SCRIPT, "--max-seconds", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--max-seconds" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "repetition, mean_return, near",
+    [
+        (0.0072, 18.60, True),  # a uniform policy's rate: within 3 standard errors (0.40 points) of 0.9 %
+        (0.0125, 18.60, True),
+        (0.0040, 18.60, False),
+        (0.0140, 18.60, False),
+        (0.0020, 18.20, True),  # return within 3 standard errors (0.047) of 18.24
+        (0.0020, 18.18, False),
+        (0.0020, 18.30, False),
+    ],
+)
+def test_near_random_bars_at_5000_sequences(repetition, mean_return, near):
+    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up there
+    spec.loader.exec_module(sys.modules[spec.name])
+    assert sys.modules[spec.name].near_random_bars({"repetition_rate": repetition, "mean_return": mean_return}, 5000) is near

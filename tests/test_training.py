@@ -112,9 +112,11 @@ def test_learning_rate_decays_linearly_over_the_run(run):
 def test_the_training_job_checks_the_repeat_mass(run):
     config, _, result = run
     model = result["model"]
-    assert model.max_repeat_prob == config.max_repeat_prob == TrainConfig().max_repeat_prob == 0.03
+    assert model.max_repeat_prob == config.max_repeat_prob == TrainConfig().max_repeat_prob == 0.03  # 1.5 / 50
     assert all(entry["checks"]["repeat_mass"]["threshold"] == 0.03 for entry in model.verification_log)
-    assert build_model(TrainConfig(**{**TINY, "max_repeat_prob": None})).max_repeat_prob is None
+    assert build_model(TrainConfig(**{**TINY, "repeat_mass_factor": None})).max_repeat_prob is None
+    assert TrainConfig(vocab_size=20).max_repeat_prob == pytest.approx(0.075)  # scales with the vocabulary
+    assert TrainConfig(vocab_size=2, repeat_mass_factor=3.0).max_repeat_prob == 1.0
 
 
 def test_evaluation_files_agree_with_the_result(run):
@@ -222,8 +224,10 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
         ({"ent_coef": float("nan")}, "ent_coef"),
         ({"ref_kl_coef": -0.1}, "ref_kl_coef"),
         ({"target_entropy": -1.0}, "target_entropy"),
-        ({"max_repeat_prob": 1.5}, "max_repeat_prob"),
-        ({"max_repeat_prob": "low"}, "max_repeat_prob"),
+        ({"repeat_mass_factor": 0.0}, "repeat_mass_factor"),
+        ({"repeat_mass_factor": "low"}, "repeat_mass_factor"),
+        ({"verification": {"max_repeat_prob": 0.1}}, r"verification: \['max_repeat_prob'\]"),
+        ({"verification": {"kl_threshold": 0.1, "min_entropy": 0.0}}, r"verification: \['kl_threshold'\]"),
         ({"progress_bar": "no"}, "progress_bar"),
         ({"verbose": 5}, "verbose"),
         ({"output_dir": ""}, "output_dir"),

@@ -12,6 +12,7 @@ import pytest
 import torch as th
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.vec_env import VecNormalize
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import CheckResult, VerifiedPPO, VerifiedRecurrentPPO
@@ -185,14 +186,40 @@ def test_repeat_mass_is_measured_on_each_state_previous_token():
     model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), max_repeat_prob=0.2, **SMALL_RECURRENT)
     pad = model.action_space.n  # TextGen-v0 pads with the vocabulary size
     observations = th.tensor([[pad] * 6, [3, pad, pad, pad, pad, pad], [3, 5, 7, 1, 0, 2], [4, 4, 6, pad, pad, pad]],
-                             dtype=th.float32)  # as SB3's buffer stores them
+                             dtype=th.float32)  # as older SB3 releases store Box observations
     assert model._previous_tokens(observations).tolist() == [-1, 3, 2, 6]
     model.learn(64)
     check = model.verification_log[0]["checks"]["repeat_mass"]
     assert check["threshold"] == 0.2 and check["value"] == pytest.approx(1 / 8, abs=0.05)  # near uniform after one update
+    # each state's previous token is the action taken at the step before it (environment-major rows)
+    batch = model._rollout_batch()
+    ctx = model._update_context(batch, model._old_distribution(batch))
+    actions, starts = batch.actions.long().flatten(), batch.episode_starts.bool()
+    within = ~starts[1:] & (th.arange(1, len(starts)) % model.n_steps != 0)  # same episode, same environment
+    assert bool(within.any())
+    assert th.equal(ctx.previous_tokens[1:][within], actions[:-1][within])
+    assert bool((ctx.previous_tokens[starts] == -1).all())  # TextGen-v0 episodes start empty
     default = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), **SMALL_RECURRENT)
     default.learn(64)
     assert default.max_repeat_prob is None and "repeat_mass" not in default.verification_log[0]["checks"]
+
+
+def test_the_repeat_check_refuses_observations_that_are_not_padded_token_ids():
+    class WrongPadding(gym.Env):
+        observation_space = gym.spaces.Box(0, 9, (4,), dtype=np.int64)  # padding id 9, but 5 actions
+        action_space = gym.spaces.Discrete(5)
+
+        def reset(self, *, seed=None, options=None):
+            return np.full(4, 9), {}
+
+        def step(self, action):
+            return np.full(4, 9), 0.0, True, False, {}
+
+    with pytest.raises(ValueError, match="max_repeat_prob: needs Discrete\\(n\\) actions and token-sequence"):
+        VerifiedPPO("MlpPolicy", WrongPadding(), max_repeat_prob=0.1, **SMALL_PPO)
+    with pytest.raises(ValueError, match="max_repeat_prob: needs the token ids themselves; VecNormalize"):
+        VerifiedRecurrentPPO("MlpLstmPolicy", VecNormalize(textgen()), max_repeat_prob=0.1, **SMALL_RECURRENT)
+    VerifiedRecurrentPPO("MlpLstmPolicy", VecNormalize(textgen(), norm_obs=False), max_repeat_prob=0.1, **SMALL_RECURRENT)
 
 
 def test_verification_figures_reach_the_logger(tmp_path):

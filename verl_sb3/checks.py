@@ -82,7 +82,8 @@ class UpdateContext:
         return self.normalized_advantages if self.normalize_advantage else self.advantages
 
     def probabilities(self, which: str = "new") -> th.Tensor | None:
-        """Action probabilities of the real samples (Discrete actions only, else None)."""
+        """Action probabilities of the real samples (Discrete actions only, else None); read-only:
+        without padding this is the distribution's own cached tensor."""
         distribution = self.new_distribution if which == "new" else self.old_distribution
         if not isinstance(distribution, CategoricalDistribution):
             return None
@@ -95,10 +96,11 @@ Check = Callable[[UpdateContext], CheckResult]
 def _kl(old: Distribution, new: Distribution) -> th.Tensor:
     """Exact KL(old || new) per state: over all logits for Categorical, else SB3's ``kl_divergence``."""
     if isinstance(old, CategoricalDistribution) and isinstance(new, CategoricalDistribution):
-        # torch's Categorical holds normalised log-probabilities as its logits, and caches its
-        # probabilities: the old policy's are computed once per update, not once per backtrack.
+        # torch's Categorical holds normalised log-probabilities as its logits. The old policy's
+        # probabilities are a temporary, not its cached ``probs``: at large vocabularies a
+        # (states, vocabulary) tensor kept for the whole verification raises the peak memory.
         old_log_p, new_log_p = old.distribution.logits, new.distribution.logits
-        kl = (old.distribution.probs * (old_log_p - new_log_p)).sum(dim=-1)
+        kl = (old_log_p.exp() * (old_log_p - new_log_p)).sum(dim=-1)
         if bool(th.isfinite(kl.sum())):
             return kl
         # a zero probability (log-probability -inf) gives 0 * inf = NaN above; 0 * log(0 / q) = 0
@@ -233,14 +235,15 @@ def repeat_mass_check(ctx: UpdateContext, max_repeat_prob: float) -> CheckResult
     policy over ``V`` tokens has ``1 / V``. As for the forbidden mass, an update that lowers the
     mass always passes.
     """
-    new, old = ctx.probabilities("new"), ctx.probabilities("old")
-    if new is None or ctx.previous_tokens is None:
+    distributions = (ctx.new_distribution, ctx.old_distribution)
+    if not all(isinstance(d, CategoricalDistribution) for d in distributions) or ctx.previous_tokens is None:
         raise ValueError("max_repeat_prob: the repeat-mass check needs a Discrete action space and the states' previous tokens")
     has_previous = ctx.previous_tokens >= 0
     if not bool(has_previous.any()):
         return CheckResult(True, 0.0, max_repeat_prob, "no state has a previous token")
     index = ctx.previous_tokens.clamp(min=0)[:, None]
-    new_mass = new.gather(1, index).squeeze(1)[has_previous].mean().item()
-    old_mass = old.gather(1, index).squeeze(1)[has_previous].mean().item()
+    # from the log-probabilities: one value per state, not a (states, vocabulary) probability tensor
+    new_mass, old_mass = (ctx.real(d.distribution.logits).gather(1, index).squeeze(1)[has_previous].exp().mean().item()
+                          for d in distributions)
     passed = _finite(new_mass) and (new_mass <= max_repeat_prob or new_mass <= old_mass)
     return CheckResult(passed, new_mass, max_repeat_prob, f"probability of repeating the previous token {old_mass:.4g} -> {new_mass:.4g}")

@@ -44,7 +44,7 @@ class TrainConfig:
     learning_rate: float = 1e-3
     learning_rate_final: float | None = 1e-4
     kl_threshold: float = DEFAULT_KL_THRESHOLD
-    max_repeat_prob: float | None = 0.03
+    repeat_mass_factor: float | None = 1.5
     vocab_size: int = 50
     max_length: int = 20
     forbidden_tokens: list[int] = field(default_factory=list)
@@ -99,8 +99,8 @@ class TrainConfig:
             number("learning_rate_final", 0.0, open_low=True)
         if self.target_entropy is not None:
             number("target_entropy", 0.0)
-        if self.max_repeat_prob is not None:
-            number("max_repeat_prob", 0.0, 1.0)
+        if self.repeat_mass_factor is not None:
+            number("repeat_mass_factor", 0.0, open_low=True)
         if self.ref_kl_coef is not None:
             number("ref_kl_coef", 0.0)
         for name in ("progress_bar",):
@@ -113,6 +113,10 @@ class TrainConfig:
         for name in ("policy_kwargs", "verification", "env_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}: expected a mapping of settings, got {getattr(self, name)!r}")
+        own = sorted({"kl_threshold", "max_repeat_prob", "target_entropy", "ref_kl_coef"} & set(self.verification))
+        if own:
+            raise ValueError(f"verification: {own} are set by the configuration's own fields (max_repeat_prob by "
+                             f"repeat_mass_factor); set them there, not in verification")
         if isinstance(self.forbidden_tokens, (str, bytes)) or not isinstance(self.forbidden_tokens, (list, tuple)):
             raise ValueError(f"forbidden_tokens: expected a list of token ids, got {self.forbidden_tokens!r}")
         if self.env_kwargs.get("reward_fns"):
@@ -149,6 +153,12 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"config: unknown settings {unknown}; known: {sorted(names)}")
         return cls(**values)
+
+    @property
+    def max_repeat_prob(self) -> float | None:
+        """The repeat-mass check's bound: ``repeat_mass_factor`` times a uniform policy's
+        probability of repeating the previous token (``1 / vocab_size``), at most 1; None: no check."""
+        return None if self.repeat_mass_factor is None else min(1.0, self.repeat_mass_factor / self.vocab_size)
 
     def learning_rate_schedule(self) -> float | Schedule:
         """``learning_rate``, decaying linearly to ``learning_rate_final`` over the run (SB3's
@@ -277,7 +287,8 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
         policy_kwargs=dict(config.policy_kwargs), seed=config.seed, verbose=config.verbose,
-        kl_threshold=config.kl_threshold, max_repeat_prob=config.max_repeat_prob, target_entropy=config.target_entropy, ref_kl_coef=config.ref_kl_coef,
+        kl_threshold=config.kl_threshold, max_repeat_prob=config.max_repeat_prob, target_entropy=config.target_entropy,
+        ref_kl_coef=config.ref_kl_coef,
         **config.verification,
     )
     model.env_kwargs = env_kwargs

@@ -172,13 +172,17 @@ class VerificationMixin:
         return tokens
 
     def _require_token_sequences(self, argument: str) -> None:
-        """Raise a ValueError naming ``argument`` unless the spaces are TextGen-v0's kind: Discrete
-        actions (tokens) and observations that are 1-D integer sequences of token ids."""
+        """Raise a ValueError naming ``argument`` unless the observations are TextGen-v0's kind:
+        Discrete actions (tokens) and, as observations, sequences of token ids padded with the id
+        ``n`` (a 1-D integer Box from 0 to the number of actions), not normalised."""
         obs, actions = self.observation_space, self.action_space
         if not (isinstance(actions, spaces.Discrete) and isinstance(obs, spaces.Box) and len(obs.shape) == 1
-                and np.issubdtype(obs.dtype, np.integer)):
-            raise ValueError(f"{argument}: needs Discrete actions and token-sequence observations (a 1-D integer Box, "
-                             f"as TextGen-v0's), got {actions} and {obs}")
+                and np.issubdtype(obs.dtype, np.integer) and np.all(obs.low == 0) and np.all(obs.high == actions.n)):
+            raise ValueError(f"{argument}: needs Discrete(n) actions and token-sequence observations padded with the id n "
+                             f"(a 1-D integer Box from 0 to n, as TextGen-v0's), got {actions} and {obs}")
+        normalizer = self.get_vec_normalize_env()
+        if normalizer is not None and normalizer.norm_obs:
+            raise ValueError(f"{argument}: needs the token ids themselves; VecNormalize(norm_obs=True) rescales them")
 
     def _previous_tokens(self, observations: th.Tensor) -> th.Tensor:
         """Per row of token-sequence observations (ids left-aligned, then padding ids >= the number
@@ -462,7 +466,8 @@ class VerificationMixin:
                 normalize_advantage=self.normalize_advantage,
                 parameters=self._parameters(),
                 forbidden_tokens=self.forbidden_tokens,
-                previous_tokens=real(self._previous_tokens(batch.observations)) if self.max_repeat_prob is not None else None,
+                previous_tokens=(real(self._previous_tokens(batch.observations))
+                                 if self.max_repeat_prob is not None and evaluate_new else None),
             )
 
     # ------------------------------------------------------------------ snapshot and rollback
@@ -595,7 +600,7 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
     :param max_forbidden_prob: bound on the mean probability of the forbidden tokens, in [0, 1].
     :param max_repeat_prob: bound on the mean probability of repeating the previous token, in [0, 1],
         or None (default) to skip the check. Needs token-sequence observations (TextGen-v0's); the
-        default training sets it to 0.02, a uniform policy's over 50 tokens.
+        default training sets it to 0.03, 1.5 times a uniform policy's over 50 tokens.
     :param returns_tolerance: largest accepted |returns - (advantages + values)|, relative to the returns' scale.
     :param advantage_tolerance: largest accepted deviation of normalised advantages from mean 0 / std 1.
     :param surrogate_tolerance: largest accepted decrease of the surrogate objective.
