@@ -96,15 +96,10 @@ Check = Callable[[UpdateContext], CheckResult]
 def _kl(old: Distribution, new: Distribution) -> th.Tensor:
     """Exact KL(old || new) per state: over all logits for Categorical, else SB3's ``kl_divergence``."""
     if isinstance(old, CategoricalDistribution) and isinstance(new, CategoricalDistribution):
-        # torch's Categorical holds normalised log-probabilities as its logits. The old policy's
-        # probabilities are a temporary, not its cached ``probs``: at large vocabularies a
-        # (states, vocabulary) tensor kept for the whole verification raises the peak memory.
-        old_log_p, new_log_p = old.distribution.logits, new.distribution.logits
-        kl = (old_log_p.exp() * (old_log_p - new_log_p)).sum(dim=-1)
-        if bool(th.isfinite(kl.sum())):
-            return kl
-        # a zero probability (log-probability -inf) gives 0 * inf = NaN above; 0 * log(0 / q) = 0
-        return categorical_kl(old_log_p, new_log_p)
+        # torch's Categorical holds normalised log-probabilities as its logits (not its cached
+        # ``probs``: at large vocabularies a (states, vocabulary) tensor kept for the whole
+        # verification raises the peak memory)
+        return categorical_kl(old.distribution.logits, new.distribution.logits)
     return kl_divergence(old, new)
 
 

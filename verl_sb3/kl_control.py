@@ -48,6 +48,10 @@ def exact_kl(logits: th.Tensor, ref_logits: th.Tensor) -> th.Tensor:
 def categorical_kl(log_p: th.Tensor, ref_log_p: th.Tensor) -> th.Tensor:
     """KL(p || p_ref) per row of normalised log-probabilities; ``0 * log(0 / q) = 0``."""
     terms = log_p.exp() * (log_p - ref_log_p)
+    kl = terms.sum(dim=-1)
+    if bool(th.isfinite(kl.sum())):  # no zero probability: no (rows, actions) mask to build
+        return kl
+    # a zero probability (log-probability -inf) gives 0 * inf = NaN in its term
     return th.where(log_p == -math.inf, 0.0, terms).sum(dim=-1)
 
 
