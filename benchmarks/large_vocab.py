@@ -117,7 +117,7 @@ def build_training(run: str, args: argparse.Namespace, vocab_size: int, max_leng
         learning_rate=config.learning_rate_schedule(), n_steps=config.n_steps, batch_size=config.batch_size,
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm, seed=config.seed,
-        kl_threshold=config.kl_threshold, max_repeat_prob=config.max_repeat_prob, target_entropy=config.target_entropy,
+        **config.verification_kwargs(),
     )
 
 

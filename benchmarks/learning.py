@@ -25,9 +25,9 @@ Runs (``--runs``, any of a,b,b',c,d,e):
 ``--stress`` trains ``a`` and ``b`` (or ``--runs``) at ``--lr-factors`` (default 3 and 10) times the
 default learning rate instead (both ends of its linear decay).
 
-    python benchmarks/learning.py              # full: 1,200,000 steps per run, <= 300 s each (~30 min)
-    python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b (~15 min)
-    python benchmarks/learning.py --quick      # smoke test (< 60 s)
+    python benchmarks/learning.py --jobs 2     # full: 1,200,000 steps per run, <= 300 s each, two at a time
+    python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b
+    python benchmarks/learning.py --quick      # smoke test (about a minute)
 
 Prints one table (time and steps to first reach a mean return of 19.0 / 19.5 / 19.8, best and
 worst evaluation, final figures, and whether the run stayed no worse than a uniform random
@@ -40,11 +40,14 @@ Writes the curves (mean return against wall time and against steps) to
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
+import multiprocessing
 import json
 import math
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -114,8 +117,7 @@ def transformer_kwargs(config: TrainConfig) -> dict[str, Any]:
     """Run (e)'s VerifiedPPO arguments: ``config``'s PPO and verification settings, ``TRANSFORMER_RUN``
     on top, the policy's default ``policy_kwargs``."""
     kwargs = {**slm_kwargs(config), **TRANSFORMER_RUN, "policy_kwargs": {}}
-    return dict(kwargs, kl_threshold=config.kl_threshold, max_repeat_prob=config.max_repeat_prob,
-                target_entropy=config.target_entropy, ref_kl_coef=config.ref_kl_coef, **config.verification)
+    return dict(kwargs, **config.verification_kwargs())
 
 
 def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAlgorithm:
@@ -132,6 +134,7 @@ def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAl
         model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate,
                                         learning_rate_final=config.learning_rate_final, kl_threshold=PERMISSIVE_KL,
                                         repeat_mass_factor=default.vocab_size,  # a bound of 1
+                                        max_reuse_rise=PERMISSIVE_KL,  # measured, never undoes
                                         verification=dict(PERMISSIVE)))
     elif name == "e":
         model = VerifiedPPO(SLMTransformerPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **transformer_kwargs(config))
@@ -250,6 +253,7 @@ class RunResult:
     evaluations: list[dict[str, float]] = field(default_factory=list)
     rolled_back: int | None = None
     backtracked: int | None = None
+    undone: int | None = None  # accepted updates undone on the next rollout (max_reuse_rise)
 
     @property
     def seconds_per_step(self) -> float:
@@ -271,7 +275,8 @@ class RunResult:
                 "learning_rate_factor": self.learning_rate_factor, "steps": self.steps,
                 "train_seconds": self.train_seconds, "seconds_per_step": self.seconds_per_step,
                 "capped_by_max_seconds": self.capped, "rolled_back_updates": self.rolled_back,
-                "backtracked_updates": self.backtracked, "evaluations": self.evaluations}
+                "backtracked_updates": self.backtracked, "undone_updates": self.undone,
+                "evaluations": self.evaluations}
 
 
 def train_run(name: str, args: argparse.Namespace, learning_rate_factor: float = 1.0,
@@ -289,10 +294,31 @@ def train_run(name: str, args: argparse.Namespace, learning_rate_factor: float =
     if isinstance(model, VerificationMixin):
         result.rolled_back = sum(1 for e in model.verification_log if not e["accepted"])
         result.backtracked = sum(1 for e in model.verification_log if e["accepted"] and e["backtracks"])
+        result.undone = model.n_undone
     last = result.evaluations[-1]
     log(f"  run {key:8s} {result.steps:>9,} steps  {result.train_seconds:7.1f} s{' (capped)' if result.capped else ''}"
         f"  final return {last['mean_return']:.3f}  repetition {last['repetition_rate']:.1%}")
     return result
+
+
+def _print_line(line: str) -> None:
+    print(line, flush=True)
+
+
+def _train_run_fields(name: str, args: argparse.Namespace, learning_rate_factor: float) -> dict[str, Any]:
+    """:func:`train_run` in a worker process, its result as plain fields (picklable by value)."""
+    return dataclasses.asdict(train_run(name, args, learning_rate_factor, log=_print_line))
+
+
+def train_runs(args: argparse.Namespace, factors: list[float]) -> list[RunResult]:
+    """Every run of ``args.runs`` at every factor, in that order; ``args.jobs`` at a time, each in
+    its own process (one torch thread each) when ``args.jobs > 1``."""
+    plan = [(name, factor) for factor in factors for name in args.runs]
+    if args.jobs == 1:
+        return [train_run(name, args, factor, log=_print_line) for name, factor in plan]
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_train_run_fields, name, args, factor) for name, factor in plan]
+        return [RunResult(**future.result()) for future in futures]
 
 
 # ---------------------------------------------------------------------------- the report
@@ -345,10 +371,15 @@ def worst_line(results: list[RunResult], factor: float) -> str | None:
         return None
 
     def worst(r: RunResult) -> str:
-        e = min(r.evaluations, key=lambda e: e["mean_return"])
-        return f"{e['mean_return']:.3f} (rep {e['repetition_rate']:.1%}, at {e['timesteps']:,} steps)"
+        later = r.evaluations[1:] or r.evaluations
+        low = min(later, key=lambda e: e["mean_return"])
+        high = max(later, key=lambda e: e["repetition_rate"])
+        return (f"return {low['mean_return']:.3f} (at {low['timesteps']:,} steps), "
+                f"repetition {high['repetition_rate']:.2%} (at {high['timesteps']:,} steps)")
 
-    return f"worst evaluation verified vs unverified (lr x{factor:g}): a {worst(runs['a'])} vs b {worst(runs['b'])}"
+    # The first evaluation is the initial policy, the same for both runs (the critic warm-up leaves it unchanged)
+    return (f"worst after the first evaluation, verified vs unverified (lr x{factor:g}): a {worst(runs['a'])} "
+            f"vs b {worst(runs['b'])}")
 
 
 def plot(results: list[RunResult], path: Path, title: str) -> None:
@@ -403,7 +434,7 @@ def _factors(text: str) -> list[float]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test (< 60 s)")
+    parser.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test (about a minute)")
     parser.add_argument("--stress", action="store_true", help="learning rate x3 and x10: verified a against unverified b")
     parser.add_argument("--steps", type=_positive_int, default=None, help="environment steps per run (default: the default training's, 1,200,000)")
     parser.add_argument("--max-seconds", type=_positive_float, default=None, help="wall-clock cap per run (default 300)")
@@ -416,13 +447,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--runs", type=_runs, default=None, help="subset of a,b,b',c,d,e (default all; a,b with --stress)")
     parser.add_argument("--lr-factors", type=_factors, default=[3.0, 10.0], help="learning-rate factors of --stress")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT, help="where the PNG and JSON go")
+    parser.add_argument("--jobs", type=_positive_int, default=1,
+                        help="runs trained at a time, each in its own process (default 1; 2 on 2 cores halves the "
+                             "wall time, and each run then shares the machine with another)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error("--seed: expected an integer >= 0")
     if args.steps is None:
         args.steps = 4_000 if args.quick else TrainConfig().total_timesteps
     if args.max_seconds is None:
-        args.max_seconds = 15.0 if args.quick else 300.0
+        args.max_seconds = 60.0 if args.quick else 300.0
     if args.eval_every is None:
         args.eval_every = 2_000 if args.quick else 25_000
     if args.eval_sequences is None:
@@ -443,15 +477,13 @@ def main(argv: list[str] | None = None) -> None:
     mode = "stress" if args.stress else "default"
     print(f"Learning benchmark ({mode}{', quick' if args.quick else ''}): {args.steps:,} steps per run, "
           f"<= {args.max_seconds:g} s per run, evaluation every {args.eval_every:,} steps on {args.eval_sequences} "
-          f"sequences ({args.confirm_sequences} when near the random policy's bars), seed {args.seed}, 1 thread", flush=True)
+          f"sequences ({args.confirm_sequences} when near the random policy's bars), seed {args.seed}, 1 thread, "
+          f"{args.jobs} run{'s' if args.jobs > 1 else ''} at a time", flush=True)
     if args.stress:
         default = TrainConfig()
         print(f"learning rate x {', x'.join(f'{f:g}' for f in factors)} (default {default.learning_rate:g}, "
               f"decaying to {default.learning_rate_final:g})")
-    results = []
-    for factor in factors:
-        for name in args.runs:
-            results.append(train_run(name, args, factor, log=lambda line: print(line, flush=True)))
+    results = train_runs(args, factors)
 
     print()
     print(format_table(results))
@@ -460,7 +492,8 @@ def main(argv: list[str] | None = None) -> None:
           f"repetition <= {RANDOM_POLICY_REPETITION:.1%} at every evaluation after the first)")
     for r in results:
         if r.rolled_back is not None:
-            print(f"{r.key}: {r.rolled_back} updates rolled back, {r.backtracked} accepted after backtracking")
+            print(f"{r.key}: {r.rolled_back} updates rolled back, {r.backtracked} accepted after backtracking, "
+                  f"{r.undone} undone on the next rollout")
     lines = [overhead_line(results)] if not args.stress else [worst_line(results, f) for f in factors]
     for line in filter(None, lines):
         print(line)

@@ -173,3 +173,17 @@ def test_returns_too_large_or_non_finite_fail_the_return_bound():
     assert not spike.passed and spike.value == 1e6 and "max |return| 1e+06" in spike.message
     nan = C.return_bound_check(context(UNIFORM, UNIFORM, returns=[0.5, math.nan, 1.0, 2.0]), 1e4)
     assert not nan.passed and "1 non-finite returns" in nan.message
+
+
+def test_reuse_mass_counts_each_token_already_in_the_sequence_once():
+    # 4 tokens, padding id 4; probabilities 0.1, 0.2, 0.3, 0.4
+    logits = th.log(th.tensor([[0.1, 0.2, 0.3, 0.4]] * 4))
+    tokens = th.tensor([
+        [4, 4, 4],  # empty sequence: nothing to reuse
+        [1, 3, 4],  # tokens 1 and 3: 0.2 + 0.4
+        [2, 2, 2],  # token 2 three times counts once: 0.3
+        [3, 0, 3],  # 0.4 + 0.1
+    ])
+    mass = C.reuse_mass(logits, tokens, 4)
+    assert mass.tolist() == pytest.approx([0.0, 0.6, 0.3, 0.5], abs=1e-6)
+    assert tokens.tolist()[2] == [2, 2, 2]  # the input is not modified

@@ -15,7 +15,7 @@ SCRIPT = REPO_ROOT / "benchmarks" / "learning.py"
 NUMBER = r"\d[\d,]*(?:\.\d+)?"
 REACH = rf"(?:not reached|{NUMBER}s/{NUMBER})"
 ROW = re.compile(
-    rf"^(?P<key>[a-e]'?(?: x[\d.]+)?)\s+(?P<steps>{NUMBER})\s+(?P<seconds>{NUMBER})\*?\s+(?P<us>{NUMBER})\s+"
+    rf"^(?P<key>[a-e]'?(?: x[\d.]+)?)\s+(?P<steps>{NUMBER})\s+(?P<seconds>{NUMBER})(?P<capped>\*?)\s+(?P<us>{NUMBER})\s+"
     rf"(?P<r190>{REACH})\s+(?P<r195>{REACH})\s+(?P<r198>{REACH})\s+(?P<best>{NUMBER})\s+"
     rf"(?P<worst>{NUMBER}) \((?P<worst_rep>{NUMBER})%\)\s+(?P<final>{NUMBER})\s+(?P<final_rep>{NUMBER})%\s+"
     rf"(?P<entropy>{NUMBER})\s+(?P<never>yes|no|n/a)$",
@@ -75,8 +75,9 @@ def test_quick_default_mode(tmp_path):
     assert sorted(runs) == sorted(rows)
     for key, row in rows.items():
         check_row(row, runs[key])
-        # the quick budget: 4,000 steps, rounded up to whole rollouts
-        assert runs[key]["steps"] >= 4_000
+        # the quick budget: 4,000 steps, rounded up to whole rollouts, or 60 s of training
+        assert runs[key]["steps"] >= 4_000 or (runs[key]["capped_by_max_seconds"] and runs[key]["train_seconds"] >= 60)
+        assert (row["capped"] == "*") == runs[key]["capped_by_max_seconds"]
     overhead = re.search(rf"verification overhead \(a vs b'\): a ({NUMBER}) us/step, b' ({NUMBER}) us/step, "
                          rf"ratio ({NUMBER}) \(([+-]{NUMBER})%\)", out)
     assert overhead, out
@@ -86,23 +87,40 @@ def test_quick_default_mode(tmp_path):
 
 
 def test_quick_stress_mode(tmp_path):
-    result = run_python(SCRIPT, "--quick", "--stress", "--runs", "a,b", "--output-dir", str(tmp_path))
+    # two runs at a time, in worker processes: the results come back in the requested order
+    result = run_python(SCRIPT, "--quick", "--stress", "--runs", "a,b", "--jobs", "2", "--output-dir", str(tmp_path))
     assert result.returncode == 0, result.stderr
     out = result.stdout
     rows = parse_rows(out)
     assert sorted(rows) == ["a x10", "a x3", "b x10", "b x3"], out
     data = json.loads((tmp_path / "learning_stress.json").read_text())
     assert (tmp_path / "learning_stress.png").stat().st_size > 10_000
+    assert [r["key"] for r in data["runs"]] == ["a x3", "b x3", "a x10", "b x10"]
+    assert "2 runs at a time" in out
     runs = {r["key"]: r for r in data["runs"]}
     for key, row in rows.items():
         check_row(row, runs[key])
         assert runs[key]["learning_rate_factor"] == float(key.split(" x")[1])
+        verified = key.startswith("a")
+        assert (runs[key]["undone_updates"] is not None) == verified
+        if verified:
+            assert re.search(rf"^{key}: {runs[key]['rolled_back_updates']} updates rolled back, "
+                             rf"{runs[key]['backtracked_updates']} accepted after backtracking, "
+                             rf"{runs[key]['undone_updates']} undone on the next rollout$", out, re.MULTILINE), out
+    run_worst = rf"return ({NUMBER}) \(at ({NUMBER}) steps\), repetition ({NUMBER})% \(at ({NUMBER}) steps\)"
     for factor in ("3", "10"):
-        line = re.search(rf"worst evaluation verified vs unverified \(lr x{factor}\): a ({NUMBER}) \(rep ({NUMBER})%, "
-                         rf"at ({NUMBER}) steps\) vs b ({NUMBER}) \(rep ({NUMBER})%, at ({NUMBER}) steps\)", out)
+        line = re.search(rf"worst after the first evaluation, verified vs unverified \(lr x{factor}\): "
+                         rf"a {run_worst} vs b {run_worst}", out)
         assert line, out
-        assert abs(number(line.group(1)) - number(rows[f"a x{factor}"]["worst"])) < 1e-9
-        assert abs(number(line.group(4)) - number(rows[f"b x{factor}"]["worst"])) < 1e-9
+        for offset, run in ((0, "a"), (4, "b")):
+            later = runs[f"{run} x{factor}"]["evaluations"][1:]
+            assert later  # quick mode evaluates every 2,000 of 4,000 steps
+            low = min(later, key=lambda e: e["mean_return"])
+            high = max(later, key=lambda e: e["repetition_rate"])
+            assert abs(number(line.group(offset + 1)) - low["mean_return"]) < 6e-4
+            assert number(line.group(offset + 2)) == low["timesteps"]
+            assert abs(number(line.group(offset + 3)) - 100 * high["repetition_rate"]) < 6e-3
+            assert number(line.group(offset + 4)) == high["timesteps"]
     assert "verification overhead" not in out
 
 
@@ -111,6 +129,8 @@ def test_rejects_bad_flags(tmp_path):
     assert result.returncode == 2 and "--runs" in result.stderr
     result = run_python(SCRIPT, "--max-seconds", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--max-seconds" in result.stderr
+    result = run_python(SCRIPT, "--jobs", "0", "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "--jobs" in result.stderr
 
 
 @pytest.mark.parametrize(

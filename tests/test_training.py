@@ -119,6 +119,18 @@ def test_the_training_job_checks_the_repeat_mass(run):
     assert TrainConfig(vocab_size=2, repeat_mass_factor=3.0).max_repeat_prob == 1.0
 
 
+def test_the_training_job_judges_each_update_on_the_next_rollout(run):
+    config, _, result = run
+    model = result["model"]
+    assert model.max_reuse_rise == config.max_reuse_rise == 3.0
+    assert model._rollout_reuse is not None and 0.0 < model._rollout_reuse[0] < 1.0
+    # the critic warm-up's updates leave the policy unchanged: only the later ones are judged
+    assert all("undone" in entry and "lr_scale" in entry for entry in model.verification_log)
+    assert build_model(TrainConfig(**{**TINY, "max_reuse_rise": None})).max_reuse_rise is None
+    kwargs = TrainConfig(verification={"lr_shrink": 0.25}).verification_kwargs()
+    assert kwargs["max_reuse_rise"] == 3.0 and kwargs["lr_shrink"] == 0.25 and kwargs["max_repeat_prob"] == 0.03
+
+
 def test_evaluation_files_agree_with_the_result(run):
     config, output, result = run
     markdown = (output / "evaluation.md").read_text()
@@ -227,6 +239,8 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
         ({"repeat_mass_factor": 0.0}, "repeat_mass_factor"),
         ({"repeat_mass_factor": "low"}, "repeat_mass_factor"),
         ({"verification": {"max_repeat_prob": 0.1}}, r"verification: \['max_repeat_prob'\]"),
+        ({"max_reuse_rise": -1.0}, "max_reuse_rise"),
+        ({"verification": {"max_reuse_rise": 2.0}}, r"verification: \['max_reuse_rise'\]"),
         ({"verification": {"kl_threshold": 0.1, "min_entropy": 0.0}}, r"verification: \['kl_threshold'\]"),
         ({"progress_bar": "no"}, "progress_bar"),
         ({"verbose": 5}, "verbose"),

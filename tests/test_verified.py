@@ -274,6 +274,12 @@ def test_save_and_load_keep_settings_and_log(tmp_path):
         (dict(max_log_entries=0), "max_log_entries"),
         (dict(max_repeat_prob=1.5), "max_repeat_prob"),
         (dict(max_repeat_prob=0.1), "max_repeat_prob"),  # CartPole's observations are not token sequences
+        (dict(max_reuse_rise=-1.0), "max_reuse_rise"),
+        (dict(max_reuse_rise=3.0), "max_reuse_rise: needs Discrete"),  # not token sequences
+        (dict(lr_shrink=1.5), "lr_shrink"),
+        (dict(lr_shrink=0.0), "lr_shrink"),
+        (dict(lr_recovery=0.9), "lr_recovery"),
+        (dict(min_lr_scale=0.0), "min_lr_scale"),
     ],
 )
 def test_invalid_settings_name_the_argument(kwargs, message):
@@ -366,3 +372,115 @@ def test_non_finite_parameter_count_is_exact_even_when_a_sum_overflows():
     with th.no_grad():
         weight.view(-1)[:3] = th.tensor([math.nan, math.inf, -math.inf])
     assert model._count_non_finite_parameters() == 3
+
+
+# ---------------------------------------------------------------------------- judged on the next rollout
+def scripted_reuse(values):
+    """A VerifiedRecurrentPPO whose rollouts measure the given reuse masses (mean, standard error)
+    in turn, and that records the state before each update and the rollouts it collected."""
+
+    class Scripted(probing(VerifiedRecurrentPPO)):
+        def _measure_rollout_reuse(self):
+            self.measured.append(super()._measure_rollout_reuse())
+            return self.script.pop(0)
+
+        def train(self):
+            self.states_before.append(copy.deepcopy(self.policy.state_dict()))
+            super().train()
+
+    Scripted.script, Scripted.measured, Scripted.states_before = list(values), [], []
+    return Scripted
+
+
+def test_an_update_that_raises_the_reuse_mass_on_the_next_rollout_is_undone_and_the_rollout_collected_again():
+    # rollout 1 trains update 0; rollout 2 shows the reuse mass up by 0.1 (7 standard errors):
+    # update 0 is undone and rollout 3 collected instead, which trains update 1
+    model = scripted_reuse([(0.2, 0.01), (0.3, 0.01), (0.2, 0.01)])(
+        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)
+    rollout = model.n_steps * model.n_envs
+    model.learn(3 * rollout)
+    assert model.num_timesteps == 3 * rollout and len(model.verification_log) == 2  # three rollouts, two updates
+    first, second = model.verification_log
+    assert first["accepted"] and first["kl_applied"] > 0 and first["undone"] and not second["undone"]
+    assert "reuse mass 0.2 -> 0.3" in first["undo_reason"] and first["reuse_after"] == 0.3
+    assert model.n_undone == 1 and model.logger.name_to_value["verl/n_undone"] == 1
+    assert_same_tensors(dict(model.states_before[1]), model.states_before[0])  # update 1 started where update 0 did
+    assert first["lr_scale"] == 1.0 and second["lr_scale"] == 0.5  # the scale each update used
+    assert model.lr_scale == pytest.approx(0.5 * 1.02)  # regrown after update 1
+    assert model.policy.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.5)  # update 1's learning rate
+    assert len(model.measured) == 3 and model.script == []
+
+
+def test_a_rise_within_the_tolerance_keeps_the_update():
+    model = scripted_reuse([(0.2, 0.01), (0.22, 0.01), (0.2, 0.01)])(
+        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)  # +0.02 is 1.4 standard errors
+    model.learn(3 * model.n_steps * model.n_envs)
+    assert model.n_undone == 0 and len(model.verification_log) == 3 and model.lr_scale == 1.0
+    assert not any(entry["undone"] for entry in model.verification_log)
+
+
+def test_the_learning_rate_scale_shrinks_to_its_floor_and_regrows():
+    rise, base = (0.5, 0.01), (0.2, 0.01)
+    model = scripted_reuse([base, rise, base, rise, base])(
+        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, lr_shrink=0.25, min_lr_scale=0.1, lr_recovery=1.5, **SMALL_RECURRENT)
+    model.learn(5 * model.n_steps * model.n_envs)  # update 0 undone, update 1 undone, update 2 kept
+    assert [entry["lr_scale"] for entry in model.verification_log] == pytest.approx([1.0, 0.25, 0.1])  # 0.375 * 0.25 < 0.1
+    assert [entry["undone"] for entry in model.verification_log] == [True, True, False]
+    assert model.lr_scale == pytest.approx(0.15) and model.n_undone == 2
+
+
+def test_the_reuse_mass_is_the_policys_probability_of_tokens_already_in_its_sequences():
+    model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(num_envs=4), max_reuse_rise=3.0, **SMALL_RECURRENT)
+    model.learn(model.n_steps * model.n_envs)  # one rollout, one update
+    callback = model._init_callback(None)
+    model._collect_recording_logits(model.env, callback, model.rollout_buffer, model.n_steps)  # a fresh rollout
+    mean, se = model._measure_rollout_reuse()
+    batch = model._rollout_batch()
+    model.policy.set_training_mode(False)
+    with th.no_grad():
+        distribution = model._policy_on_batch(batch)[0]
+    probs = distribution.distribution.probs
+    tokens = batch.observations.long()
+    expected = []
+    for row, sequence in enumerate(tokens.tolist()):
+        used = {token for token in sequence if token < model.action_space.n}
+        expected.append(sum(probs[row, token].item() for token in used))
+    per_env = th.tensor(expected).reshape(model.n_envs, model.n_steps).mean(1)
+    assert mean == pytest.approx(per_env.mean().item(), rel=1e-5)
+    assert se == pytest.approx(per_env.std().item() / 2, rel=1e-4)  # across the 4 environments
+    assert 0.0 < mean < 1.0
+
+
+def test_the_training_csv_and_dashboard_count_the_undone_updates(tmp_path):
+    from verl_sb3.dashboard import plot_dashboard
+    from verl_sb3.training import TrainConfig, TrainingRecorder
+
+    model = scripted_reuse([(0.2, 0.01), (0.3, 0.01), (0.2, 0.01), (0.2, 0.01)])(
+        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)
+    rollout = model.n_steps * model.n_envs
+    recorder = TrainingRecorder(TrainConfig(eval_freq=10**9, checkpoint_freq=10**9), tmp_path)
+    model.learn(4 * rollout, callback=recorder)  # update 0 undone during the second rollout
+    with open(tmp_path / "updates.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [int(row["update"]) for row in rows] == [0, 1, 2]
+    assert [int(row["n_undone"]) for row in rows] == [0, 1, 1]  # counted from the row after the undone update
+    assert [int(row["timesteps"]) for row in rows] == [rollout, 3 * rollout, 4 * rollout]
+    path = plot_dashboard(recorder.episode_timesteps, recorder.episode_returns, recorder.updates, tmp_path / "dashboard.png")
+    assert path.stat().st_size > 10_000
+
+
+def test_judgement_needs_two_environments():
+    with pytest.raises(ValueError, match="max_reuse_rise: needs at least 2 environments"):
+        VerifiedRecurrentPPO("MlpLstmPolicy", textgen(num_envs=1), max_reuse_rise=3.0, **SMALL_RECURRENT)
+
+
+def test_an_update_awaiting_judgement_survives_save_and_load(tmp_path):
+    model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)
+    model.learn(model.n_steps * model.n_envs)
+    pending = model._pending_judgement
+    assert pending is not None and pending.update == 0
+    model.lr_scale = 0.5
+    model.save(tmp_path / "model.zip")
+    loaded = VerifiedRecurrentPPO.load(tmp_path / "model.zip", env=textgen())
+    assert loaded.lr_scale == 0.5 and loaded._pending_judgement.reuse_before == pending.reuse_before
+    assert_same_tensors(loaded._pending_judgement.snapshot.policy, pending.snapshot.policy)

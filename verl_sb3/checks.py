@@ -242,3 +242,21 @@ def repeat_mass_check(ctx: UpdateContext, max_repeat_prob: float) -> CheckResult
                           for d in distributions)
     passed = _finite(new_mass) and (new_mass <= max_repeat_prob or new_mass <= old_mass)
     return CheckResult(passed, new_mass, max_repeat_prob, f"probability of repeating the previous token {old_mass:.4g} -> {new_mass:.4g}")
+
+
+def reuse_mass(logits: th.Tensor, tokens: th.Tensor, n_tokens: int) -> th.Tensor:
+    """Per state, the probability the policy puts on tokens already in the state's sequence.
+
+    ``logits``: (states, ``n_tokens``) action logits; ``tokens``: (states, length) token ids,
+    padding ids ``>= n_tokens``. On TextGen-v0 this is the chance that the next token lowers the
+    sequence's diversity: a uniform policy over 50 tokens has 0.17 on average over its own
+    sequences of 20, one that never reuses a token 0. Each distinct token is counted once (found
+    by sorting each sequence), from log-probabilities gathered at the sequence's tokens, so the
+    memory is (states, length), not (states, vocabulary) nor (states, length, length).
+    """
+    tokens = tokens.long().sort(dim=1).values
+    distinct = th.ones_like(tokens, dtype=th.bool)
+    distinct[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
+    counted = distinct & (tokens < n_tokens)
+    log_probs = logits.gather(1, tokens.clamp(max=n_tokens - 1)) - logits.logsumexp(dim=1, keepdim=True)
+    return (log_probs.exp() * counted).sum(dim=1)

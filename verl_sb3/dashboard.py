@@ -58,8 +58,8 @@ def plot_dashboard(
         ax_reward.axhline(random_baseline, color="tab:red", ls=":", lw=1, label=f"uniform random {random_baseline:g}")
     if len(returns):
         # "is not None", not "or": an optimum or a baseline of 0.0 is a real value
-        low = min(np.percentile(returns, 1), *([random_baseline] if random_baseline is not None else []))
-        high = max(returns.max(), *([optimum] if optimum is not None else []))
+        low = min([np.percentile(returns, 1), *([random_baseline] if random_baseline is not None else [])])
+        high = max([returns.max(), *([optimum] if optimum is not None else [])])
         ax_reward.set_ylim(low - 0.5, high + 0.5)
     ax_reward.set(title="Episode rewards", xlabel="timesteps", ylabel="return")
     _legend(ax_reward, loc="lower right", fontsize=8)
@@ -79,9 +79,13 @@ def plot_dashboard(
     backtracked = [s for s, u in zip(update_steps, updates) if u["accepted"] and u["backtracks"]]
     ax_rate.plot(rolled, [2] * len(rolled), "v", color="tab:red", label=f"rolled back ({len(rolled)})")
     ax_rate.plot(backtracked, [5] * len(backtracked), "^", color="tab:orange", label=f"backtracked ({len(backtracked)})")
+    undone_counts = [u.get("n_undone", 0) for u in updates]
+    undone = [s for s, before, now in zip(update_steps[1:], undone_counts, undone_counts[1:]) if now > before]
+    if undone:  # at the update that followed each undone one
+        ax_rate.plot(undone, [8] * len(undone), "x", color="tab:brown", label=f"undone on the next rollout ({undone_counts[-1]})")
     ax_rate.axhline(95, color="gray", ls="--", lw=1, label="target 95 %")
     ax_rate.set(title="Verification rate", xlabel="timesteps", ylabel="% of updates", ylim=(0, 105))
-    _legend(ax_rate, loc="lower right", fontsize=8)
+    _legend(ax_rate, loc="center right", fontsize=8)
 
     tenth = max(1, len(returns) // 10)
     early, late = returns[:tenth], returns[-tenth:]

@@ -45,6 +45,7 @@ class TrainConfig:
     learning_rate_final: float | None = 1e-4
     kl_threshold: float = DEFAULT_KL_THRESHOLD
     repeat_mass_factor: float | None = 1.5
+    max_reuse_rise: float | None = 3.0
     vocab_size: int = 50
     max_length: int = 20
     forbidden_tokens: list[int] = field(default_factory=list)
@@ -101,6 +102,8 @@ class TrainConfig:
             number("target_entropy", 0.0)
         if self.repeat_mass_factor is not None:
             number("repeat_mass_factor", 0.0, open_low=True)
+        if self.max_reuse_rise is not None:
+            number("max_reuse_rise", 0.0)
         if self.ref_kl_coef is not None:
             number("ref_kl_coef", 0.0)
         for name in ("progress_bar",):
@@ -113,7 +116,7 @@ class TrainConfig:
         for name in ("policy_kwargs", "verification", "env_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}: expected a mapping of settings, got {getattr(self, name)!r}")
-        own = sorted({"kl_threshold", "max_repeat_prob", "target_entropy", "ref_kl_coef"} & set(self.verification))
+        own = sorted({"kl_threshold", "max_repeat_prob", "max_reuse_rise", "target_entropy", "ref_kl_coef"} & set(self.verification))
         if own:
             raise ValueError(f"verification: {own} are set by the configuration's own fields (max_repeat_prob by "
                              f"repeat_mass_factor); set them there, not in verification")
@@ -160,6 +163,11 @@ class TrainConfig:
         probability of repeating the previous token (``1 / vocab_size``), at most 1; None: no check."""
         return None if self.repeat_mass_factor is None else min(1.0, self.repeat_mass_factor / self.vocab_size)
 
+    def verification_kwargs(self) -> dict[str, Any]:
+        """The verified PPO's verification arguments: this configuration's fields, then ``verification``."""
+        return dict(kl_threshold=self.kl_threshold, max_repeat_prob=self.max_repeat_prob, max_reuse_rise=self.max_reuse_rise,
+                    target_entropy=self.target_entropy, ref_kl_coef=self.ref_kl_coef, **self.verification)
+
     def learning_rate_schedule(self) -> float | Schedule:
         """``learning_rate``, decaying linearly to ``learning_rate_final`` over the run (SB3's
         ``LinearSchedule`` of the progress remaining), or constant when that is None."""
@@ -178,7 +186,7 @@ class TrainingRecorder(BaseCallback):
     """
 
     COLUMNS = ("update", "timesteps", "mean_episode_reward", "loss", "policy_gradient_loss", "value_loss",
-               "entropy_loss", "approx_kl", "kl", "accepted", "backtracks", "rolled_back", "entropy",
+               "entropy_loss", "approx_kl", "kl", "accepted", "backtracks", "rolled_back", "n_undone", "entropy",
                "verification_rate", "ref_kl", "kl_coef", "wall_time")
 
     def __init__(self, config: TrainConfig, output: Path) -> None:
@@ -241,6 +249,9 @@ class TrainingRecorder(BaseCallback):
             "accepted": int(entry["accepted"]),
             "backtracks": entry["backtracks"],
             "rolled_back": int(entry["rolled_back"]),
+            # updates undone so far on the rollout after them (max_reuse_rise): an undo happens
+            # after its update's row was written, so it is counted in the rows that follow
+            "n_undone": self.model.n_undone,
             "entropy": entry["entropy"],
             "verification_rate": self.model.verification_rate,
             "wall_time": time.perf_counter() - self._start,
@@ -287,9 +298,7 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
         n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
         ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
         policy_kwargs=dict(config.policy_kwargs), seed=config.seed, verbose=config.verbose,
-        kl_threshold=config.kl_threshold, max_repeat_prob=config.max_repeat_prob, target_entropy=config.target_entropy,
-        ref_kl_coef=config.ref_kl_coef,
-        **config.verification,
+        **config.verification_kwargs(),
     )
     model.env_kwargs = env_kwargs
     return model

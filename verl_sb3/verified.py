@@ -40,6 +40,11 @@ DEFAULT_MAX_ABS_RETURN = 1e4
 DEFAULT_MAX_BACKTRACKS = 5
 DEFAULT_BACKTRACK_RATIO = 0.5
 DEFAULT_ENTROPY_COEF_RATE = 0.01
+#: Learning-rate scale after an undone update: multiplied by the shrink, regrown by the recovery
+#: per accepted update, never below the floor (see ``max_reuse_rise``).
+DEFAULT_LR_SHRINK = 0.5
+DEFAULT_LR_RECOVERY = 1.02
+DEFAULT_MIN_LR_SCALE = 1 / 32
 
 _LOG_PREFIX = "train/"
 
@@ -64,7 +69,8 @@ class RolloutBatch:
 
 @dataclass
 class _Snapshot:
-    """Everything an update changes, as it was before the update; never saved with the model."""
+    """Everything an update changes, as it was before the update (saved with the model only while
+    an update awaits its judgement on the next rollout)."""
 
     policy: dict[str, th.Tensor]
     optimizer: dict[str, Any]
@@ -86,6 +92,16 @@ def _clone_state(value: Any) -> Any:
 
 def _check_name(check: Callable) -> str:
     return getattr(check, "name", None) or getattr(check, "__name__", None) or type(check).__name__
+
+
+@dataclass
+class _PendingJudgement:
+    """An accepted update awaiting the next rollout: the state before it (to undo it), its number
+    in the log, and the reuse mass of the rollout it trained on (mean and standard error)."""
+
+    snapshot: _Snapshot
+    update: int
+    reuse_before: tuple[float, float]
 
 
 class VerificationMixin:
@@ -116,6 +132,10 @@ class VerificationMixin:
         max_log_entries: int | None = None,
         target_entropy: float | None = None,
         entropy_coef_rate: float = DEFAULT_ENTROPY_COEF_RATE,
+        max_reuse_rise: float | None = None,
+        lr_shrink: float = DEFAULT_LR_SHRINK,
+        lr_recovery: float = DEFAULT_LR_RECOVERY,
+        min_lr_scale: float = DEFAULT_MIN_LR_SCALE,
         **kwargs: Any,
     ) -> None:
         self.kl_threshold = require_number("kl_threshold", kl_threshold, 0.0, open_low=True)
@@ -141,6 +161,17 @@ class VerificationMixin:
         if self.target_entropy is not None and self.min_entropy is None:
             raise ValueError("target_entropy: needs the entropy check; pass min_entropy (e.g. 0.0) instead of None")
         self.entropy_coef_rate = require_number("entropy_coef_rate", entropy_coef_rate, 0.0, open_low=True)
+        self.max_reuse_rise = None if max_reuse_rise is None else require_number("max_reuse_rise", max_reuse_rise, 0.0)
+        self.lr_shrink = require_number("lr_shrink", lr_shrink, 0.0, 1.0, open_low=True)
+        self.min_lr_scale = require_number("min_lr_scale", min_lr_scale, 0.0, 1.0, open_low=True)
+        self.lr_recovery = require_number("lr_recovery", lr_recovery, 1.0)
+        #: Factor on the learning-rate schedule: lowered when an update is undone, see ``max_reuse_rise``.
+        self.lr_scale = 1.0
+        self._n_undone = 0
+        # The reuse mass of the last rollout, and the last accepted update awaiting its judgement on
+        # the next rollout (saved with the model, for exact resumption).
+        self._rollout_reuse: tuple[float, float] | None = None
+        self._pending_judgement: _PendingJudgement | None = None
         self.verification_log: list[dict[str, Any]] = []
         self._n_verified = 0
         self._n_accepted_first_try = 0
@@ -153,6 +184,11 @@ class VerificationMixin:
         self.forbidden_tokens = self._resolve_forbidden_tokens(forbidden_tokens)
         if self.max_repeat_prob is not None:
             self._require_token_sequences("max_repeat_prob")
+        if self.max_reuse_rise is not None:
+            self._require_token_sequences("max_reuse_rise")
+            if self.n_envs < 2:
+                raise ValueError(f"max_reuse_rise: needs at least 2 environments (the standard error is taken across "
+                                 f"them), got {self.n_envs}")
 
     # ------------------------------------------------------------------ settings
     def _resolve_forbidden_tokens(self, forbidden_tokens: Sequence[int] | None) -> tuple[int, ...]:
@@ -235,6 +271,22 @@ class VerificationMixin:
 
     # ------------------------------------------------------------------ the update
     def collect_rollouts(self, *args: Any, **kwargs: Any) -> bool:
+        """The parent's collection (see :meth:`_collect_recording_logits`); with ``max_reuse_rise``,
+        the last accepted update is then judged on this rollout, which it collected, and undone
+        (the rollout collected again) when it made the policy reuse tokens more."""
+        collected = self._collect_recording_logits(*args, **kwargs)
+        if not collected or self.max_reuse_rise is None:
+            return collected
+        reuse = self._measure_rollout_reuse()
+        pending, self._pending_judgement = self._pending_judgement, None
+        if pending is not None and reuse is not None and self._reuse_rose(pending.reuse_before, reuse):
+            self._undo(pending, reuse)
+            collected = self._collect_recording_logits(*args, **kwargs)
+            reuse = self._measure_rollout_reuse() if collected else None
+        self._rollout_reuse = reuse
+        return collected
+
+    def _collect_recording_logits(self, *args: Any, **kwargs: Any) -> bool:
         """The parent's collection, recording the action logits the policy computed at each step.
 
         They are the old policy's distribution on the rollout, which verification then needs
@@ -274,6 +326,61 @@ class VerificationMixin:
             raise
         finally:
             self._rollout_logits = captured
+
+    # ------------------------------------------------------------------ judged on the next rollout
+    def _measure_rollout_reuse(self) -> tuple[float, float] | None:
+        """The reuse mass (:func:`verl_sb3.checks.reuse_mass`) of the policy on the rollout just
+        collected, its own states: the mean and its standard error across environments; None when
+        the logits were not recorded at every step. Override it to judge another quantity of the
+        rollout (a rise by more than ``max_reuse_rise`` standard errors undoes the update)."""
+        captured = getattr(self, "_rollout_logits", None) or {"logits": None, "steps": 0}
+        logits, n_steps = captured["logits"], self.rollout_buffer.buffer_size
+        if logits is None or captured["steps"] != n_steps:
+            return None
+        n_envs = logits.shape[0]
+        observations = th.as_tensor(self.rollout_buffer.observations, device=logits.device)  # (steps, envs, length)
+        tokens = observations.transpose(0, 1).reshape(n_envs * n_steps, -1)
+        with th.no_grad():
+            per_env = C.reuse_mass(logits.reshape(n_envs * n_steps, -1), tokens, self.action_space.n).reshape(n_envs, n_steps).mean(1)
+        return per_env.mean().item(), per_env.std().item() / math.sqrt(n_envs)
+
+    def _reuse_rose(self, before: tuple[float, float], after: tuple[float, float]) -> bool:
+        """Whether the reuse mass rose by more than ``max_reuse_rise`` standard errors of the difference."""
+        return after[0] - before[0] > self.max_reuse_rise * math.hypot(before[1], after[1])
+
+    def _undo(self, pending: _PendingJudgement, reuse: tuple[float, float]) -> None:
+        """Restore the state before the judged update, lower the learning-rate scale, report it."""
+        self._restore(pending.snapshot, logged=False)
+        self._last_good = self._copy_state(f"after undoing update {pending.update}")
+        self.lr_scale = max(self.min_lr_scale, self.lr_scale * self.lr_shrink)
+        self._n_undone += 1
+        (before, before_se), (after, after_se) = pending.reuse_before, reuse
+        reason = (f"undone on the next rollout: reuse mass {before:.4g} -> {after:.4g} (standard errors {before_se:.2g}, "
+                  f"{after_se:.2g}; more than {self.max_reuse_rise:g} of the difference); rollout collected again, "
+                  f"learning-rate scale {self.lr_scale:g}")
+        log = self.verification_log
+        if log and log[-1]["update"] == pending.update:  # the last entry until the next update
+            log[-1].update(undone=True, reuse_after=after, undo_reason=reason)
+        self.logger.record("verl/undone", 1.0)
+        self.logger.record("verl/n_undone", self._n_undone)
+        self.logger.record("verl/lr_scale", self.lr_scale)
+        if self.verbose >= 1:
+            print(f"verl: update {pending.update}: {reason}")
+
+    @property
+    def n_undone(self) -> int:
+        """How many accepted updates were undone on the next rollout (``max_reuse_rise``)."""
+        return self._n_undone
+
+    def _update_learning_rate(self, optimizers: Any) -> None:
+        """SB3's schedule, times ``lr_scale`` (logged as ``train/learning_rate``)."""
+        super()._update_learning_rate(optimizers)
+        if self.lr_scale == 1.0:
+            return
+        for optimizer in optimizers if isinstance(optimizers, list) else [optimizers]:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.lr_scale
+        self.logger.record("train/learning_rate", self.lr_schedule(self._current_progress_remaining) * self.lr_scale)
 
     def _excluded_save_params(self) -> list[str]:
         return [*super()._excluded_save_params(), "_rollout_logits", "_last_good"]
@@ -331,6 +438,18 @@ class VerificationMixin:
         self._last_good = self._copy_state(f"after update {self._n_verified - 1}")
         if accepted:
             self._adapt_entropy_coefficient(results["entropy"].value if "entropy" in results else math.nan)
+            self._await_judgement(snapshot)
+
+    def _await_judgement(self, snapshot: _Snapshot) -> None:
+        """With ``max_reuse_rise``: keep what undoing the accepted update needs until the next
+        rollout judges it (an update that left the policy unchanged is not judged), and regrow the
+        learning-rate scale."""
+        if self.max_reuse_rise is None:
+            return
+        self.lr_scale = min(1.0, self.lr_scale * self.lr_recovery)
+        entry = self.verification_log[-1]
+        if self._rollout_reuse is not None and entry["kl_applied"] > 0:
+            self._pending_judgement = _PendingJudgement(snapshot, entry["update"], self._rollout_reuse)
 
     def _adapt_entropy_coefficient(self, entropy: float) -> None:
         """With ``target_entropy``: ``ent_coef = max(0, ent_coef + entropy_coef_rate * (target - entropy))``.
@@ -491,13 +610,15 @@ class VerificationMixin:
         names = (name for klass in reversed(type(self).__mro__) for name in vars(klass).get("_rollback_attributes", ()))
         return tuple(dict.fromkeys(names))
 
-    def _restore(self, snapshot: _Snapshot) -> None:
-        """Put back, bit for bit, everything the update changed, including what it logged."""
+    def _restore(self, snapshot: _Snapshot, logged: bool = True) -> None:
+        """Put back, bit for bit, everything the update changed, and (``logged``) what it logged."""
         self.policy.load_state_dict(snapshot.policy)
         self.policy.optimizer.load_state_dict(snapshot.optimizer)
         self._n_updates = snapshot.n_updates
         for name, value in snapshot.extra.items():
             setattr(self, name, value)
+        if not logged:
+            return
         logger = self.logger
         for table, saved in zip((logger.name_to_value, logger.name_to_count, logger.name_to_excluded), snapshot.logged):
             for key in [k for k in table if k.startswith(_LOG_PREFIX)]:
@@ -541,6 +662,8 @@ class VerificationMixin:
             "checks": {name: result.as_dict() for name, result in full_step.items()},
             "reason": reason,
             "recovered": self._recovery,
+            "lr_scale": self.lr_scale,
+            "undone": False,
         }
         self._recovery = None
         self._n_verified += 1
@@ -560,6 +683,9 @@ class VerificationMixin:
         record("verl/verification_rate", self.verification_rate)
         record("verl/n_rolled_back", self._n_rolled_back)
         record("verl/kl_max", entry["kl_max"])
+        if self.max_reuse_rise is not None:
+            record("verl/n_undone", self._n_undone)
+            record("verl/lr_scale", self.lr_scale)
         for name, result in full_step.items():
             record(f"verl/check_{name}", result.value)
         if self.verbose >= 1 and reason:
@@ -593,6 +719,19 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
     ``verification_log``; ``verification_rate`` is the share accepted at the full step; the
     figures also go to the logger under ``verl/``.
 
+    With ``max_reuse_rise``, an accepted update is judged once more on the next rollout, the first
+    one its policy collected: checks on the rollout an update trained on cannot see where the
+    updated policy takes its own sequences. If the reuse mass there (the mean probability of
+    choosing a token already in the sequence, :func:`verl_sb3.checks.reuse_mass`) rose by more
+    than ``max_reuse_rise`` standard errors of the difference from the rollout the update
+    trained on, the update is undone (as a rollback, keeping what it logged), that rollout is
+    collected again by the restored policy, and ``lr_scale``, a factor on the learning-rate
+    schedule, is multiplied by ``lr_shrink`` (not below ``min_lr_scale``); each accepted update
+    multiplies it by ``lr_recovery`` (up to 1). The log entry of an undone update says
+    ``undone`` and why; ``n_undone`` counts them. Updates that left the policy unchanged (KL 0,
+    e.g. a critic warm-up) are not judged. An update awaiting its judgement is saved with the
+    model.
+
     :param kl_threshold: largest accepted mean KL(old || new), > 0.
     :param min_entropy: smallest accepted mean policy entropy in nats, >= 0, or None to skip the check.
     :param forbidden_tokens: actions whose probability mass is bounded (Discrete actions); None takes
@@ -615,6 +754,13 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPO):
         ``ent_coef = max(0, ent_coef + entropy_coef_rate * (target - entropy))``. ``ent_coef`` is then
         its starting value. Needs ``min_entropy``.
     :param entropy_coef_rate: step size of that adaptation, > 0.
+    :param max_reuse_rise: judge each accepted update on the next rollout (see above): the rise
+        of the reuse mass that undoes it, in standard errors, >= 0; None (default) not to judge.
+        Needs token-sequence observations (as ``max_repeat_prob``) and at least 2 environments.
+        The default training uses 3.
+    :param lr_shrink: factor on ``lr_scale`` when an update is undone, in (0, 1].
+    :param lr_recovery: factor on ``lr_scale`` after each accepted update, >= 1.
+    :param min_lr_scale: the smallest ``lr_scale``, in (0, 1].
 
     KL control toward a frozen reference policy (off by default) takes the arguments of
     :class:`verl_sb3.reference.ReferenceKLMixin`: ``ref_kl_coef``, ``ref_kl_estimator``,
