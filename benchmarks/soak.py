@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     log = model.verification_log
     print()
     print(f"updates: {model._n_verified:,}; accepted at the full step: {model.verification_rate:.1%}; "
-          f"rolled back: {model._n_rolled_back}; wall {rows[-1]['wall']:.1f} s ({rows[-1]['steps'] / rows[-1]['wall']:,.0f} steps/s)")
+          f"rolled back: {model._n_rolled_back}; undone on the next rollout: {model.n_undone}; wall {rows[-1]['wall']:.1f} s ({rows[-1]['steps'] / rows[-1]['wall']:,.0f} steps/s)")
     half = next((row for row in rows if row["steps"] >= steps / 2), rows[0])
     growth = rows[-1]["rss"] - half["rss"]
     span = max(rows[-1]["steps"] - half["steps"], 1)
