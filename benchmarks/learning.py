@@ -42,9 +42,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import inspect
-import multiprocessing
 import json
 import math
+import multiprocessing
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor

@@ -60,9 +60,7 @@ def main() -> None:
     # (name, environments, steps per run, parent, verified)
     pairs = [
         ("RecurrentPPO + SLMLstmPolicy (default training)", config.n_envs, timesteps, (RecurrentPPO, SLMLstmPolicy, base),
-         (VerifiedRecurrentPPO, SLMLstmPolicy, dict(base, kl_threshold=config.kl_threshold,
-                                                  max_repeat_prob=config.max_repeat_prob, max_reuse_rise=config.max_reuse_rise,
-                                                  target_entropy=None))),
+         (VerifiedRecurrentPPO, SLMLstmPolicy, dict(base, **{**config.verification_kwargs(), "target_entropy": None}))),
         ("PPO + MlpPolicy (default training settings)", config.n_envs, timesteps, (PPO, "MlpPolicy", ppo),
          (VerifiedPPO, "MlpPolicy", dict(ppo, kl_threshold=config.kl_threshold))),
         ("PPO + MlpPolicy (SB3's PPO defaults: 8 envs, n_steps 2048, batch 64, 10 epochs)", 8,

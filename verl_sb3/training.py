@@ -116,7 +116,7 @@ class TrainConfig:
         for name in ("policy_kwargs", "verification", "env_kwargs"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name}: expected a mapping of settings, got {getattr(self, name)!r}")
-        own = sorted({"kl_threshold", "max_repeat_prob", "max_reuse_rise", "target_entropy", "ref_kl_coef"} & set(self.verification))
+        own = sorted(set(self._own_verification_kwargs()) & set(self.verification))
         if own:
             raise ValueError(f"verification: {own} are set by the configuration's own fields (max_repeat_prob by "
                              f"repeat_mass_factor); set them there, not in verification")
@@ -163,10 +163,14 @@ class TrainConfig:
         probability of repeating the previous token (``1 / vocab_size``), at most 1; None: no check."""
         return None if self.repeat_mass_factor is None else min(1.0, self.repeat_mass_factor / self.vocab_size)
 
+    def _own_verification_kwargs(self) -> dict[str, Any]:
+        """The verification arguments this configuration's own fields set (``verification`` may not)."""
+        return dict(kl_threshold=self.kl_threshold, max_repeat_prob=self.max_repeat_prob, max_reuse_rise=self.max_reuse_rise,
+                    target_entropy=self.target_entropy, ref_kl_coef=self.ref_kl_coef)
+
     def verification_kwargs(self) -> dict[str, Any]:
         """The verified PPO's verification arguments: this configuration's fields, then ``verification``."""
-        return dict(kl_threshold=self.kl_threshold, max_repeat_prob=self.max_repeat_prob, max_reuse_rise=self.max_reuse_rise,
-                    target_entropy=self.target_entropy, ref_kl_coef=self.ref_kl_coef, **self.verification)
+        return {**self._own_verification_kwargs(), **self.verification}
 
     def learning_rate_schedule(self) -> float | Schedule:
         """``learning_rate``, decaying linearly to ``learning_rate_final`` over the run (SB3's

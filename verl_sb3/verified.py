@@ -333,11 +333,10 @@ class VerificationMixin:
         collected, its own states: the mean and its standard error across environments; None when
         the logits were not recorded at every step. Override it to judge another quantity of the
         rollout (a rise by more than ``max_reuse_rise`` standard errors undoes the update)."""
-        captured = getattr(self, "_rollout_logits", None) or {"logits": None, "steps": 0}
-        logits, n_steps = captured["logits"], self.rollout_buffer.buffer_size
-        if logits is None or captured["steps"] != n_steps:
+        logits = self._recorded_logits()
+        if logits is None:
             return None
-        n_envs = logits.shape[0]
+        n_envs, n_steps = logits.shape[:2]
         observations = th.as_tensor(self.rollout_buffer.observations, device=logits.device)  # (steps, envs, length)
         tokens = observations.transpose(0, 1).reshape(n_envs * n_steps, -1)
         with th.no_grad():
@@ -409,13 +408,21 @@ class VerificationMixin:
             self._restore(snapshot)
             raise
 
+    def _recorded_logits(self) -> th.Tensor | None:
+        """The action logits recorded during the last collection, (n_envs, n_steps, n_actions), or
+        None unless they were recorded at every step of the rollout buffer."""
+        captured = getattr(self, "_rollout_logits", None) or {"logits": None, "steps": 0}
+        logits, buffer = captured["logits"], self.rollout_buffer
+        if logits is None or captured["steps"] != buffer.buffer_size or logits.shape[:2] != (buffer.n_envs, buffer.buffer_size):
+            return None
+        return logits
+
     def _old_distribution(self, batch: RolloutBatch) -> Distribution:
         """The policy's distribution on ``batch`` before the update: recorded during collection, else computed."""
-        captured = getattr(self, "_rollout_logits", None) or {"logits": None, "steps": 0}
-        logits, self._rollout_logits = captured["logits"], None  # freed once the distribution holds them
+        logits, self._rollout_logits = self._recorded_logits(), None  # freed once the distribution holds them
         n_steps, n_envs = self.rollout_buffer.buffer_size, self.rollout_buffer.n_envs
         with distribution_validation(False):
-            if logits is not None and captured["steps"] == n_steps and logits.shape[:2] == (n_envs, n_steps):
+            if logits is not None:
                 return copy.copy(self.policy.action_dist).proba_distribution(action_logits=logits.reshape(n_envs * n_steps, -1))
             self.policy.set_training_mode(False)
             with th.no_grad():
