@@ -281,7 +281,7 @@ class RunResult:
 
 def train_run(name: str, args: argparse.Namespace, learning_rate_factor: float = 1.0,
               log: Callable[[str], None] = print) -> RunResult:
-    th.set_num_threads(1)
+    th.set_num_threads(args.threads)
     key = name if learning_rate_factor == 1.0 else f"{name} x{learning_rate_factor:g}"
     model = build_run(name, args.seed, learning_rate_factor)
     recorder = EvaluationRecorder(args.eval_every, args.eval_sequences, args.seed, args.max_seconds, args.confirm_sequences)
@@ -312,7 +312,7 @@ def _train_run_fields(name: str, args: argparse.Namespace, learning_rate_factor:
 
 def train_runs(args: argparse.Namespace, factors: list[float]) -> list[RunResult]:
     """Every run of ``args.runs`` at every factor, in that order; ``args.jobs`` at a time, each in
-    its own process (one torch thread each) when ``args.jobs > 1``."""
+    its own process (``args.threads`` torch threads each) when ``args.jobs > 1``."""
     plan = [(name, factor) for factor in factors for name in args.runs]
     if args.jobs == 1:
         return [train_run(name, args, factor, log=_print_line) for name, factor in plan]
@@ -450,6 +450,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=_positive_int, default=1,
                         help="runs trained at a time, each in its own process (default 1; 2 on 2 cores halves the "
                              "wall time, and each run then shares the machine with another)")
+    parser.add_argument("--threads", type=_positive_int, default=1,
+                        help="torch threads per run (default 1; the training job uses 2 on 2 cores when it runs "
+                             "alone: --runs a --threads 2 times it that way)")
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error("--seed: expected an integer >= 0")
@@ -472,12 +475,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    th.set_num_threads(1)
+    th.set_num_threads(args.threads)
     factors = args.lr_factors if args.stress else [1.0]
     mode = "stress" if args.stress else "default"
     print(f"Learning benchmark ({mode}{', quick' if args.quick else ''}): {args.steps:,} steps per run, "
           f"<= {args.max_seconds:g} s per run, evaluation every {args.eval_every:,} steps on {args.eval_sequences} "
-          f"sequences ({args.confirm_sequences} when near the random policy's bars), seed {args.seed}, 1 thread, "
+          f"sequences ({args.confirm_sequences} when near the random policy's bars), seed {args.seed}, "
+          f"{args.threads} thread{'s' if args.threads > 1 else ''} per run, "
           f"{args.jobs} run{'s' if args.jobs > 1 else ''} at a time", flush=True)
     if args.stress:
         default = TrainConfig()

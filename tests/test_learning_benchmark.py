@@ -8,6 +8,7 @@ import re
 import sys
 
 import pytest
+import torch
 
 from _scripts import REPO_ROOT, run_python
 
@@ -21,6 +22,16 @@ ROW = re.compile(
     rf"(?P<entropy>{NUMBER})\s+(?P<never>yes|no|n/a)$",
     re.MULTILINE,
 )
+
+
+def load_benchmark():
+    """``benchmarks/learning.py`` as a module (once per session)."""
+    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
+    if spec.name not in sys.modules:  # its dataclasses look their module up there
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[spec.name]
 
 
 def number(text: str) -> float:
@@ -131,6 +142,19 @@ def test_rejects_bad_flags(tmp_path):
     assert result.returncode == 2 and "--max-seconds" in result.stderr
     result = run_python(SCRIPT, "--jobs", "0", "--output-dir", str(tmp_path))
     assert result.returncode == 2 and "--jobs" in result.stderr
+    result = run_python(SCRIPT, "--threads", "0", "--output-dir", str(tmp_path))
+    assert result.returncode == 2 and "--threads" in result.stderr
+
+
+def test_a_run_trains_with_the_threads_asked_for():
+    benchmark = load_benchmark()
+    args = benchmark.parse_args(["--quick", "--runs", "a", "--threads", "2", "--steps", "2560"])
+    before = torch.get_num_threads()  # 1, set by conftest
+    try:
+        result = benchmark.train_run("a", args, log=lambda line: None)
+        assert torch.get_num_threads() == 2 and result.steps == 2560
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize(
@@ -146,8 +170,4 @@ def test_rejects_bad_flags(tmp_path):
     ],
 )
 def test_near_random_bars_at_5000_sequences(repetition, mean_return, near):
-    spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, module)  # its dataclasses look their module up there
-    spec.loader.exec_module(sys.modules[spec.name])
-    assert sys.modules[spec.name].near_random_bars({"repetition_rate": repetition, "mean_return": mean_return}, 5000) is near
+    assert load_benchmark().near_random_bars({"repetition_rate": repetition, "mean_return": mean_return}, 5000) is near

@@ -5,9 +5,11 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import struct
 
 import pytest
+import torch
 import yaml
 
 from verl_sb3.checkpoints import load_checkpoint
@@ -192,12 +194,30 @@ def test_same_seed_same_numbers(run, rerun):
         (dict(forbidden_tokens=[50]), "forbidden_tokens"),
         (dict(forbidden_tokens=["a"]), "forbidden_tokens"),
         (dict(env_kwargs=dict(repetition_window=1)), "repetition_window"),
+        (dict(threads=0), "threads"),
         (dict(nope=1, also_not=2), "unknown settings \\['also_not', 'nope'\\]"),
     ],
 )
 def test_config_errors_name_the_field(values, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig.from_dict(values)
+
+
+def test_threads_default_to_one_per_core_at_most_two_and_build_model_applies_them(monkeypatch):
+    for cpus, threads in (({0}, 1), ({0, 1}, 2), (set(range(8)), 2)):  # the cores this process may use
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: cpus, raising=False)
+        assert TrainConfig().threads == threads
+    monkeypatch.delattr(os, "sched_getaffinity")  # where there is none (macOS, Windows): os.cpu_count()
+    for cores, threads in ((1, 1), (2, 2), (8, 2), (None, 1)):
+        monkeypatch.setattr(os, "cpu_count", lambda cores=cores: cores)
+        assert TrainConfig().threads == threads
+    before = torch.get_num_threads()
+    try:
+        for threads in (2, 1):
+            build_model(TrainConfig(n_envs=2, threads=threads)).get_env().close()
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_config_from_yaml(tmp_path):

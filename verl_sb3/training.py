@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,13 @@ from verl_sb3.verified import DEFAULT_KL_THRESHOLD, VerifiedRecurrentPPO
 from verl_sb3.warmup import CriticWarmupCallback
 
 RANDOM_POLICY_RETURN = 18.24  # uniform random policy, vocabulary 50, length 20 (measured, see README)
+
+
+def default_threads() -> int:
+    """Torch threads of a training run: one per core this process may use, at most 2 (measured: 2 threads
+    train 1.2 to 1.4 times faster than 1 on 2 cores; more were not measured)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(2, cores or 1)
 
 
 @dataclass
@@ -69,7 +77,7 @@ class TrainConfig:
     eval_sequences: int = 200
     final_eval_sequences: int = 500
     checkpoint_freq: int = 200_000
-    threads: int = 1
+    threads: int = field(default_factory=default_threads)
     progress_bar: bool = True
     verbose: int = 0
 
