@@ -146,15 +146,18 @@ def test_rejects_bad_flags(tmp_path):
     assert result.returncode == 2 and "--threads" in result.stderr
 
 
-def test_a_run_trains_with_the_threads_asked_for():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_run_trains_with_the_threads_asked_for(threads):
+    # 1 differs from the training job's default on 2 cores, 2 from conftest's setting
     benchmark = load_benchmark()
-    args = benchmark.parse_args(["--quick", "--runs", "a", "--threads", "2", "--steps", "2560"])
-    before = torch.get_num_threads()  # 1, set by conftest
+    args = benchmark.parse_args(["--quick", "--runs", "a", "--threads", str(threads), "--steps", "2560"])
+    before = torch.get_num_threads()
+    seen = []
     try:
-        result = benchmark.train_run("a", args, log=lambda line: None)
-        assert torch.get_num_threads() == 2 and result.steps == 2560
+        result = benchmark.train_run("a", args, log=lambda line: seen.append(torch.get_num_threads()))
     finally:
         torch.set_num_threads(before)
+    assert result.steps == 2560 and seen == [threads]
 
 
 @pytest.mark.parametrize(
