@@ -106,8 +106,7 @@ def build_training(run: str, args: argparse.Namespace, vocab_size: int, max_leng
     from verl_sb3 import VerifiedPPO
     from verl_sb3.training import TrainConfig, build_model
 
-    config = TrainConfig(vocab_size=vocab_size, max_length=max_length, n_envs=args.train_envs, progress_bar=False,
-                         threads=1)
+    config = TrainConfig(vocab_size=vocab_size, max_length=max_length, n_envs=args.train_envs, progress_bar=False)
     if run == "lstm":
         return build_model(config)
     from verl_sb3.transformer_policy import SLMTransformerPolicy

@@ -120,19 +120,18 @@ def transformer_kwargs(config: TrainConfig) -> dict[str, Any]:
     return dict(kwargs, **config.verification_kwargs())
 
 
-def build_run(name: str, seed: int, learning_rate_factor: float = 1.0, threads: int = 1) -> BaseAlgorithm:
-    """The model of run ``name`` (see the module's docstring), with its own environment; ``threads``
-    torch threads (``build_model`` sets its configuration's, so it is passed there too)."""
+def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAlgorithm:
+    """The model of run ``name`` (see the module's docstring), with its own environment."""
     default = TrainConfig(seed=seed)
     config = TrainConfig(seed=seed, learning_rate=default.learning_rate * learning_rate_factor,
-                         learning_rate_final=default.learning_rate_final * learning_rate_factor, threads=threads)
+                         learning_rate_final=default.learning_rate_final * learning_rate_factor)
     env_kwargs = TextGenConfig().as_kwargs()
     if name == "a":
         model = build_model(config)
     elif name == "b":
         model = RecurrentPPO(SLMLstmPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **slm_kwargs(config))
     elif name == "b'":
-        model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate, threads=threads,
+        model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate,
                                         learning_rate_final=config.learning_rate_final, kl_threshold=PERMISSIVE_KL,
                                         repeat_mass_factor=default.vocab_size,  # a bound of 1
                                         max_reuse_rise=PERMISSIVE_KL,  # measured, never undoes
@@ -284,7 +283,7 @@ def train_run(name: str, args: argparse.Namespace, learning_rate_factor: float =
               log: Callable[[str], None] = print) -> RunResult:
     th.set_num_threads(args.threads)
     key = name if learning_rate_factor == 1.0 else f"{name} x{learning_rate_factor:g}"
-    model = build_run(name, args.seed, learning_rate_factor, args.threads)
+    model = build_run(name, args.seed, learning_rate_factor)
     recorder = EvaluationRecorder(args.eval_every, args.eval_sequences, args.seed, args.max_seconds, args.confirm_sequences)
     callbacks = [recorder]
     if name in DEFAULT_TRAINING_RUNS:  # the default training's critic warm-up

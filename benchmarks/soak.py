@@ -145,7 +145,7 @@ class MemoryReport(BaseCallback):
 def bound_check(bound: int, updates: int) -> tuple[list[int], list[int], int]:
     """A small model trained ``updates`` updates with ``max_log_entries=bound``: log lengths and sizes."""
     config = TrainConfig(**{**QUICK, "total_timesteps": updates * QUICK["n_envs"] * QUICK["n_steps"]},
-                         verification={"max_log_entries": bound}, progress_bar=False, threads=1)
+                         verification={"max_log_entries": bound}, progress_bar=False)
     model = build_model(config)
     lengths, sizes = [], []
 
@@ -179,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides["total_timesteps"] = steps
     if args.max_log_entries is not None:
         overrides["verification"] = {"max_log_entries": args.max_log_entries}
-    config = TrainConfig(**overrides, progress_bar=False, threads=1)
+    config = TrainConfig(**overrides, progress_bar=False)
     rollout = config.n_envs * config.n_steps
     interval = args.interval or max(rollout, steps // 10)
     model = build_model(config)

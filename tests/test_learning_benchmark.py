@@ -148,7 +148,7 @@ def test_rejects_bad_flags(tmp_path):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_a_run_trains_with_the_threads_asked_for(threads):
-    # 1 differs from the training job's default on 2 cores, 2 from conftest's setting
+    # 2 differs from conftest's 1; 1 differs from the training job's default on 2 cores
     benchmark = load_benchmark()
     args = benchmark.parse_args(["--quick", "--runs", "a", "--threads", str(threads), "--steps", "2560"])
     before = torch.get_num_threads()

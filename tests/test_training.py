@@ -203,7 +203,7 @@ def test_config_errors_name_the_field(values, field):
         TrainConfig.from_dict(values)
 
 
-def test_threads_default_to_one_per_core_at_most_two_and_build_model_applies_them(monkeypatch):
+def test_threads_default_to_one_per_core_at_most_two_and_train_applies_them(monkeypatch, tmp_path):
     for cpus, threads in (({0}, 1), ({0, 1}, 2), (set(range(8)), 2)):  # the cores this process may use
         monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: cpus, raising=False)
         assert TrainConfig().threads == threads
@@ -214,8 +214,10 @@ def test_threads_default_to_one_per_core_at_most_two_and_build_model_applies_the
     before = torch.get_num_threads()
     try:
         for threads in (2, 1):
-            build_model(TrainConfig(n_envs=2, threads=threads)).get_env().close()
+            train(TrainConfig(**TINY, threads=threads, output_dir=str(tmp_path / str(threads))))
             assert torch.get_num_threads() == threads
+        build_model(TrainConfig(**TINY, threads=2)).get_env().close()  # building a model leaves them alone
+        assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
 

@@ -168,7 +168,6 @@ def _train(args: argparse.Namespace) -> int:
     from verl_sb3.training import train
 
     config = train_config(args)
-    th.set_num_threads(config.threads)
     _check_buildable(config)
     result = train(config)
     output = Path(config.output_dir)

@@ -300,8 +300,8 @@ def _logger_formats() -> list[str]:
 
 
 def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
-    """The verified SLM and its vectorised environment, as the configuration says."""
-    th.set_num_threads(config.threads)
+    """The verified SLM and its vectorised environment, as the configuration says (``threads`` is
+    the training job's, applied by :func:`train`: building a model leaves the process's threads alone)."""
     env_kwargs = config.textgen.as_kwargs()
     env = make_textgen_vec_env(config.n_envs, seed=config.seed, **env_kwargs)
     model = VerifiedRecurrentPPO(
@@ -321,6 +321,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     output = Path(config.output_dir)
     output.mkdir(parents=True, exist_ok=True)
     (output / "config.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+    th.set_num_threads(config.threads)
     model = build_model(config)
     model.set_logger(configure(str(output / "logs"), _logger_formats()))
     recorder = TrainingRecorder(config, output)
