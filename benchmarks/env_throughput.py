@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 try:
-    import textenv_gym  # noqa: F401
+    import textenv_gym
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import textenv_gym  # noqa: F401
@@ -42,8 +42,9 @@ TARGET_NUM_ENVS = 64
 ACTION_BLOCKS = 512  # pre-generated batches of actions, cycled through
 
 
-def measure(step: Callable[[object], None], actions: list, envs_per_call: int, seconds: float,
-            repeats: int, warmup: float) -> float:
+def measure(
+    step: Callable[[object], None], actions: list, envs_per_call: int, seconds: float, repeats: int, warmup: float
+) -> float:
     """Median environment steps per second of ``step`` over ``repeats`` runs of about ``seconds``."""
     count = len(actions)
 
@@ -116,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     args.warmup = min(0.2, args.seconds)
     rng = np.random.default_rng(args.seed)
 
-    print(f"TextGen-v0 environment steps per second (median of {args.repeats} runs of ~{args.seconds:g} s; "
-          f"numpy {np.__version__}, gymnasium {gym.__version__})")
+    print(
+        f"TextGen-v0 environment steps per second (median of {args.repeats} runs of ~{args.seconds:g} s; "
+        f"numpy {np.__version__}, gymnasium {gym.__version__})"
+    )
     print(f"{'scalar gym.make (1 env)':<34}{bench_scalar(args, rng):>14,.0f} steps/s")
     ratio_at_target = None
     for num_envs in args.num_envs:
@@ -134,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"target (TextGenVectorEnv >= {TARGET_RATIO:g}x DummyVecEnv at {TARGET_NUM_ENVS} envs): not measured")
     else:
         verdict = "MET" if ratio_at_target >= TARGET_RATIO else "NOT MET"
-        print(f"target (TextGenVectorEnv >= {TARGET_RATIO:g}x DummyVecEnv at {TARGET_NUM_ENVS} envs): "
-              f"{verdict} ({ratio_at_target:.1f}x)")
+        print(
+            f"target (TextGenVectorEnv >= {TARGET_RATIO:g}x DummyVecEnv at {TARGET_NUM_ENVS} envs): "
+            f"{verdict} ({ratio_at_target:.1f}x)"
+        )
     return 0
 
 

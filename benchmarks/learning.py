@@ -12,7 +12,7 @@ Runs (``--runs``, any of a,b,b',c,d,e):
   SLMLstmPolicy, verified, with the adaptive entropy coefficient (``target_entropy``) and the
   critic warm-up (``CriticWarmupCallback``; ``b`` and ``b'`` have it too);
 - ``b``:  the same SLM, policy_kwargs and PPO hyper-parameters on the parent ``RecurrentPPO``,
-  unverified, with the fixed starting ``ent_coef`` (the adaptation lives in the verified class);
+  unverified, with the same entropy target (``TargetEntropyCallback``);
 - ``b'``: VerifiedRecurrentPPO with verification made permissive (every tolerance 1e9,
   ``min_entropy=0``, repeat-mass bound 1, no backtracking) but the same ``target_entropy``: ``a``
   minus verification;
@@ -47,13 +47,14 @@ import math
 import multiprocessing
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 try:
-    import textenv_gym  # noqa: F401
+    import textenv_gym
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import textenv_gym  # noqa: F401
@@ -61,20 +62,22 @@ except ImportError:  # run from a checkout without installing
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch as th  # noqa: E402
-from sb3_contrib import RecurrentPPO  # noqa: E402
-from stable_baselines3 import PPO  # noqa: E402
-from stable_baselines3.common.base_class import BaseAlgorithm  # noqa: E402
-from stable_baselines3.common.callbacks import BaseCallback, CallbackList  # noqa: E402
+import matplotlib.pyplot as plt
+import torch as th
+from sb3_contrib import RecurrentPPO
+from stable_baselines3 import PPO
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 
-from textenv_gym.dynamics import TextGenConfig  # noqa: E402
-from textenv_gym.sb3_vec_env import make_textgen_vec_env  # noqa: E402
-from verl_sb3 import CriticWarmupCallback, SLMTransformerPolicy, VerifiedPPO  # noqa: E402
-from verl_sb3.evaluation import evaluate_model  # noqa: E402
-from verl_sb3.policies import SLMLstmPolicy  # noqa: E402
-from verl_sb3.training import RANDOM_POLICY_RETURN, TrainConfig, build_model  # noqa: E402
-from verl_sb3.verified import VerificationMixin  # noqa: E402
+from textenv_gym.dynamics import TextGenConfig
+from textenv_gym.sb3_vec_env import make_textgen_vec_env
+from verl_sb3 import CriticWarmupCallback, SLMTransformerPolicy, TargetEntropyCallback, VerifiedPPO
+from verl_sb3.app.config import TrainConfig
+from verl_sb3.app.targets import RANDOM_POLICY_RETURN
+from verl_sb3.app.training import build_model
+from verl_sb3.evaluation import evaluate_model
+from verl_sb3.policies import SLMLstmPolicy
+from verl_sb3.verified import VerificationMixin
 
 RANDOM_POLICY_REPETITION = 0.009  # uniform random policy: 0.9 % of sequences hold a run of 3 (README)
 RANDOM_POLICY_RETURN_STD = 1.106  # standard deviation of a uniform random policy's return (200,000 sequences)
@@ -87,8 +90,9 @@ THRESHOLDS = (19.0, 19.5, 19.8)
 BASELINE_ENVS = 8  # (c) and (d): sb3 defaults, with our vec env
 RUN_NAMES = ("a", "b", "b'", "c", "d", "e")
 DEFAULT_TRAINING_RUNS = ("a", "b", "b'")  # the default training's settings, verified or not
-PERMISSIVE = dict(surrogate_tolerance=1e9, advantage_tolerance=1e9, returns_tolerance=1e9,
-                  min_entropy=0.0, max_backtracks=0)
+PERMISSIVE = dict(
+    surrogate_tolerance=1e9, advantage_tolerance=1e9, returns_tolerance=1e9, min_entropy=0.0, max_backtracks=0
+)
 PERMISSIVE_KL = 1e9
 DEFAULT_OUTPUT = Path(__file__).resolve().parent / "output"
 #: Run (e): what differs from the default training's ``TrainConfig`` (environments, learning-rate
@@ -106,10 +110,18 @@ TRANSFORMER_RUN = dict(clip_range=0.1, n_epochs=4)
 def slm_kwargs(config: TrainConfig) -> dict[str, Any]:
     """The default training's PPO hyper-parameters and policy_kwargs (no verification arguments)."""
     return dict(
-        learning_rate=config.learning_rate_schedule(), n_steps=config.n_steps, batch_size=config.batch_size,
-        n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
-        ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
-        policy_kwargs=dict(config.policy_kwargs), seed=config.seed,
+        learning_rate=config.learning_rate_schedule(),
+        n_steps=config.n_steps,
+        batch_size=config.batch_size,
+        n_epochs=config.n_epochs,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        clip_range=config.clip_range,
+        ent_coef=config.ent_coef,
+        vf_coef=config.vf_coef,
+        max_grad_norm=config.max_grad_norm,
+        policy_kwargs=dict(config.policy_kwargs),
+        seed=config.seed,
     )
 
 
@@ -123,21 +135,32 @@ def transformer_kwargs(config: TrainConfig) -> dict[str, Any]:
 def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAlgorithm:
     """The model of run ``name`` (see the module's docstring), with its own environment."""
     default = TrainConfig(seed=seed)
-    config = TrainConfig(seed=seed, learning_rate=default.learning_rate * learning_rate_factor,
-                         learning_rate_final=default.learning_rate_final * learning_rate_factor)
+    config = TrainConfig(
+        seed=seed,
+        learning_rate=default.learning_rate * learning_rate_factor,
+        learning_rate_final=default.learning_rate_final * learning_rate_factor,
+    )
     env_kwargs = TextGenConfig().as_kwargs()
     if name == "a":
         model = build_model(config)
     elif name == "b":
         model = RecurrentPPO(SLMLstmPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **slm_kwargs(config))
     elif name == "b'":
-        model = build_model(TrainConfig(seed=seed, learning_rate=config.learning_rate,
-                                        learning_rate_final=config.learning_rate_final, kl_threshold=PERMISSIVE_KL,
-                                        repeat_mass_factor=default.vocab_size,  # a bound of 1
-                                        max_reuse_rise=PERMISSIVE_KL,  # measured, never undoes
-                                        verification=dict(PERMISSIVE)))
+        model = build_model(
+            TrainConfig(
+                seed=seed,
+                learning_rate=config.learning_rate,
+                learning_rate_final=config.learning_rate_final,
+                kl_threshold=PERMISSIVE_KL,
+                repeat_mass_factor=default.vocab_size,  # a bound of 1
+                max_reuse_rise=PERMISSIVE_KL,  # measured, never undoes
+                verification=dict(PERMISSIVE),
+            )
+        )
     elif name == "e":
-        model = VerifiedPPO(SLMTransformerPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **transformer_kwargs(config))
+        model = VerifiedPPO(
+            SLMTransformerPolicy, make_textgen_vec_env(config.n_envs, seed=seed), **transformer_kwargs(config)
+        )
     elif name in ("c", "d"):
         cls, policy = (RecurrentPPO, "MlpLstmPolicy") if name == "c" else (PPO, "MlpPolicy")
         kwargs = {}
@@ -152,7 +175,7 @@ def build_run(name: str, seed: int, learning_rate_factor: float = 1.0) -> BaseAl
 
 DESCRIPTIONS = {
     "a": "VerifiedRecurrentPPO+SLM (default training)",
-    "b": "RecurrentPPO+SLM, unverified, fixed ent_coef",
+    "b": "RecurrentPPO+SLM, unverified",
     "b'": "VerifiedRecurrentPPO+SLM, permissive checks",
     "c": "RecurrentPPO MlpLstmPolicy defaults, 8 envs",
     "d": "PPO MlpPolicy defaults, 8 envs",
@@ -168,8 +191,14 @@ class EvaluationRecorder(BaseCallback):
     since training started minus the time spent evaluating.
     """
 
-    def __init__(self, eval_every: int, n_sequences: int, seed: int, max_seconds: float,
-                 confirm_sequences: int = CONFIRM_SEQUENCES) -> None:
+    def __init__(
+        self,
+        eval_every: int,
+        n_sequences: int,
+        seed: int,
+        max_seconds: float,
+        confirm_sequences: int = CONFIRM_SEQUENCES,
+    ) -> None:
         super().__init__()
         self.eval_every = eval_every
         self.n_sequences = n_sequences
@@ -212,23 +241,29 @@ class EvaluationRecorder(BaseCallback):
         figures = evaluate_model(self.model, n_sequences=self.n_sequences, seed=self.seed + len(self.evaluations))
         screening = None
         if self.confirm_sequences > self.n_sequences and near_random_bars(figures, self.n_sequences):
-            screening = {"n_sequences": self.n_sequences, "mean_return": figures["mean_return"],
-                         "repetition_rate": figures["repetition_rate"]}
-            figures = evaluate_model(self.model, n_sequences=self.confirm_sequences,
-                                     seed=self.seed + 100_000 + len(self.evaluations))
+            screening = {
+                "n_sequences": self.n_sequences,
+                "mean_return": figures["mean_return"],
+                "repetition_rate": figures["repetition_rate"],
+            }
+            figures = evaluate_model(
+                self.model, n_sequences=self.confirm_sequences, seed=self.seed + 100_000 + len(self.evaluations)
+            )
         self._eval_seconds += time.perf_counter() - begin
-        self.evaluations.append({
-            "timesteps": int(self.num_timesteps),
-            "n_sequences": figures["n_sequences"],
-            "screening": screening,
-            "wall_time": train_seconds,
-            "mean_return": figures["mean_return"],
-            "repetition_rate": figures["repetition_rate"],
-            "entropy": figures["entropy"],
-            "distinct_sequences": figures["distinct_sequences"],
-            "diversity": figures["diversity"],
-            "verification_rate": figures["verification_rate"],
-        })
+        self.evaluations.append(
+            {
+                "timesteps": int(self.num_timesteps),
+                "n_sequences": figures["n_sequences"],
+                "screening": screening,
+                "wall_time": train_seconds,
+                "mean_return": figures["mean_return"],
+                "repetition_rate": figures["repetition_rate"],
+                "entropy": figures["entropy"],
+                "distinct_sequences": figures["distinct_sequences"],
+                "diversity": figures["diversity"],
+                "verification_rate": figures["verification_rate"],
+            }
+        )
 
 
 def near_random_bars(figures: dict[str, float], n_sequences: int) -> bool:
@@ -237,8 +272,10 @@ def near_random_bars(figures: dict[str, float], n_sequences: int) -> bool:
     p = RANDOM_POLICY_REPETITION
     repetition_margin = 3 * math.sqrt(p * (1 - p) / n_sequences)
     return_margin = 3 * RANDOM_POLICY_RETURN_STD / math.sqrt(n_sequences)
-    return (abs(figures["repetition_rate"] - p) <= repetition_margin
-            or abs(figures["mean_return"] - RANDOM_POLICY_RETURN) <= return_margin)
+    return (
+        abs(figures["repetition_rate"] - p) <= repetition_margin
+        or abs(figures["mean_return"] - RANDOM_POLICY_RETURN) <= return_margin
+    )
 
 
 @dataclass
@@ -266,38 +303,63 @@ class RunResult:
         later = self.evaluations[1:]
         if not later:
             return "n/a"
-        ok = all(e["mean_return"] >= RANDOM_POLICY_RETURN and e["repetition_rate"] <= RANDOM_POLICY_REPETITION + 1e-12
-                 for e in later)
+        ok = all(
+            e["mean_return"] >= RANDOM_POLICY_RETURN and e["repetition_rate"] <= RANDOM_POLICY_REPETITION + 1e-12
+            for e in later
+        )
         return "yes" if ok else "no"
 
     def as_dict(self) -> dict[str, Any]:
-        return {"key": self.key, "run": self.name, "description": self.description,
-                "learning_rate_factor": self.learning_rate_factor, "steps": self.steps,
-                "train_seconds": self.train_seconds, "seconds_per_step": self.seconds_per_step,
-                "capped_by_max_seconds": self.capped, "rolled_back_updates": self.rolled_back,
-                "backtracked_updates": self.backtracked, "undone_updates": self.undone,
-                "evaluations": self.evaluations}
+        return {
+            "key": self.key,
+            "run": self.name,
+            "description": self.description,
+            "learning_rate_factor": self.learning_rate_factor,
+            "steps": self.steps,
+            "train_seconds": self.train_seconds,
+            "seconds_per_step": self.seconds_per_step,
+            "capped_by_max_seconds": self.capped,
+            "rolled_back_updates": self.rolled_back,
+            "backtracked_updates": self.backtracked,
+            "undone_updates": self.undone,
+            "evaluations": self.evaluations,
+        }
 
 
-def train_run(name: str, args: argparse.Namespace, learning_rate_factor: float = 1.0,
-              log: Callable[[str], None] = print) -> RunResult:
+def train_run(
+    name: str, args: argparse.Namespace, learning_rate_factor: float = 1.0, log: Callable[[str], None] = print
+) -> RunResult:
     th.set_num_threads(args.threads)
     key = name if learning_rate_factor == 1.0 else f"{name} x{learning_rate_factor:g}"
     model = build_run(name, args.seed, learning_rate_factor)
-    recorder = EvaluationRecorder(args.eval_every, args.eval_sequences, args.seed, args.max_seconds, args.confirm_sequences)
+    recorder = EvaluationRecorder(
+        args.eval_every, args.eval_sequences, args.seed, args.max_seconds, args.confirm_sequences
+    )
     callbacks = [recorder]
     if name in DEFAULT_TRAINING_RUNS:  # the default training's critic warm-up
         callbacks.insert(0, CriticWarmupCallback(TrainConfig().critic_warmup))
+    if name == "b":  # the verified runs adapt ent_coef in their update; this one by the callback
+        callbacks.insert(0, TargetEntropyCallback(TrainConfig().target_entropy))
     model.learn(args.steps, callback=CallbackList(callbacks))
-    result = RunResult(key, name, DESCRIPTIONS[name], learning_rate_factor, steps=int(model.num_timesteps),
-                       train_seconds=recorder.train_seconds, capped=recorder.capped, evaluations=recorder.evaluations)
+    result = RunResult(
+        key,
+        name,
+        DESCRIPTIONS[name],
+        learning_rate_factor,
+        steps=int(model.num_timesteps),
+        train_seconds=recorder.train_seconds,
+        capped=recorder.capped,
+        evaluations=recorder.evaluations,
+    )
     if isinstance(model, VerificationMixin):
         result.rolled_back = sum(1 for e in model.verification_log if not e["accepted"])
         result.backtracked = sum(1 for e in model.verification_log if e["accepted"] and e["backtracks"])
         result.undone = model.n_undone
     last = result.evaluations[-1]
-    log(f"  run {key:8s} {result.steps:>9,} steps  {result.train_seconds:7.1f} s{' (capped)' if result.capped else ''}"
-        f"  final return {last['mean_return']:.3f}  repetition {last['repetition_rate']:.1%}")
+    log(
+        f"  run {key:8s} {result.steps:>9,} steps  {result.train_seconds:7.1f} s{' (capped)' if result.capped else ''}"
+        f"  final return {last['mean_return']:.3f}  repetition {last['repetition_rate']:.1%}"
+    )
     return result
 
 
@@ -327,8 +389,19 @@ def _reach_cell(result: RunResult, threshold: float) -> str:
     return "not reached" if hit is None else f"{hit['wall_time']:.1f}s/{hit['timesteps']:,}"
 
 
-COLUMNS = ("run", "steps", "time s", "us/step", *(f"->{t:g} (s/steps)" for t in THRESHOLDS),
-           "best", "worst (rep)", "final", "final rep", "final ent", "never<random")
+COLUMNS = (
+    "run",
+    "steps",
+    "time s",
+    "us/step",
+    *(f"->{t:g} (s/steps)" for t in THRESHOLDS),
+    "best",
+    "worst (rep)",
+    "final",
+    "final rep",
+    "final ent",
+    "never<random",
+)
 
 
 def table_rows(results: list[RunResult]) -> list[list[str]]:
@@ -337,13 +410,21 @@ def table_rows(results: list[RunResult]) -> list[list[str]]:
         best = max(r.evaluations, key=lambda e: e["mean_return"])
         worst = min(r.evaluations, key=lambda e: e["mean_return"])
         last = r.evaluations[-1]
-        rows.append([
-            r.key, f"{r.steps:,}", f"{r.train_seconds:.1f}{'*' if r.capped else ''}", f"{r.seconds_per_step * 1e6:.1f}",
-            *(_reach_cell(r, t) for t in THRESHOLDS),
-            f"{best['mean_return']:.3f}", f"{worst['mean_return']:.3f} ({worst['repetition_rate']:.1%})",
-            f"{last['mean_return']:.3f}", f"{last['repetition_rate']:.1%}", f"{last['entropy']:.3f}",
-            r.never_worse_than_random(),
-        ])
+        rows.append(
+            [
+                r.key,
+                f"{r.steps:,}",
+                f"{r.train_seconds:.1f}{'*' if r.capped else ''}",
+                f"{r.seconds_per_step * 1e6:.1f}",
+                *(_reach_cell(r, t) for t in THRESHOLDS),
+                f"{best['mean_return']:.3f}",
+                f"{worst['mean_return']:.3f} ({worst['repetition_rate']:.1%})",
+                f"{last['mean_return']:.3f}",
+                f"{last['repetition_rate']:.1%}",
+                f"{last['entropy']:.3f}",
+                r.never_worse_than_random(),
+            ]
+        )
     return rows
 
 
@@ -361,8 +442,10 @@ def overhead_line(results: list[RunResult], factor: float = 1.0) -> str | None:
         return None
     a, b = runs["a"], runs["b'"]
     ratio = a.seconds_per_step / b.seconds_per_step
-    return (f"verification overhead (a vs b'): a {a.seconds_per_step * 1e6:.1f} us/step, "
-            f"b' {b.seconds_per_step * 1e6:.1f} us/step, ratio {ratio:.3f} ({ratio - 1:+.1%})")
+    return (
+        f"verification overhead (a vs b'): a {a.seconds_per_step * 1e6:.1f} us/step, "
+        f"b' {b.seconds_per_step * 1e6:.1f} us/step, ratio {ratio:.3f} ({ratio - 1:+.1%})"
+    )
 
 
 def worst_line(results: list[RunResult], factor: float) -> str | None:
@@ -374,12 +457,16 @@ def worst_line(results: list[RunResult], factor: float) -> str | None:
         later = r.evaluations[1:] or r.evaluations
         low = min(later, key=lambda e: e["mean_return"])
         high = max(later, key=lambda e: e["repetition_rate"])
-        return (f"return {low['mean_return']:.3f} (at {low['timesteps']:,} steps), "
-                f"repetition {high['repetition_rate']:.2%} (at {high['timesteps']:,} steps)")
+        return (
+            f"return {low['mean_return']:.3f} (at {low['timesteps']:,} steps), "
+            f"repetition {high['repetition_rate']:.2%} (at {high['timesteps']:,} steps)"
+        )
 
     # The first evaluation is the initial policy, the same for both runs (the critic warm-up leaves it unchanged)
-    return (f"worst after the first evaluation, verified vs unverified (lr x{factor:g}): a {worst(runs['a'])} "
-            f"vs b {worst(runs['b'])}")
+    return (
+        f"worst after the first evaluation, verified vs unverified (lr x{factor:g}): a {worst(runs['a'])} "
+        f"vs b {worst(runs['b'])}"
+    )
 
 
 def plot(results: list[RunResult], path: Path, title: str) -> None:
@@ -388,12 +475,16 @@ def plot(results: list[RunResult], path: Path, title: str) -> None:
     for index, r in enumerate(results):
         returns = [e["mean_return"] for e in r.evaluations]
         style = dict(marker=".", linestyle=styles[index % len(styles)], color=f"C{index}")
-        label = f"{r.key}: {r.description}" + (f", lr x{r.learning_rate_factor:g}" if r.learning_rate_factor != 1 else "")
+        label = f"{r.key}: {r.description}" + (
+            f", lr x{r.learning_rate_factor:g}" if r.learning_rate_factor != 1 else ""
+        )
         by_time.plot([e["wall_time"] for e in r.evaluations], returns, label=label, **style)
         by_steps.plot([e["timesteps"] for e in r.evaluations], returns, label=r.key, **style)
     for axis, xlabel in ((by_time, "wall time, evaluation excluded (s)"), (by_steps, "environment steps")):
         axis.axhline(OPTIMAL_RETURN, color="black", linestyle="--", linewidth=1, label="optimum 20")
-        axis.axhline(RANDOM_POLICY_RETURN, color="gray", linestyle=":", linewidth=1, label=f"random {RANDOM_POLICY_RETURN}")
+        axis.axhline(
+            RANDOM_POLICY_RETURN, color="gray", linestyle=":", linewidth=1, label=f"random {RANDOM_POLICY_RETURN}"
+        )
         axis.set_xlabel(xlabel)
         axis.grid(alpha=0.3)
     by_time.set_ylabel("mean return (evaluation)")
@@ -435,24 +526,51 @@ def _factors(text: str) -> list[float]:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny budgets, for a smoke test (about a minute)")
-    parser.add_argument("--stress", action="store_true", help="learning rate x3 and x10: verified a against unverified b")
-    parser.add_argument("--steps", type=_positive_int, default=None, help="environment steps per run (default: the default training's, 1,200,000)")
-    parser.add_argument("--max-seconds", type=_positive_float, default=None, help="wall-clock cap per run (default 300)")
-    parser.add_argument("--eval-every", type=_positive_int, default=None, help="steps between evaluations (default 25,000)")
-    parser.add_argument("--eval-sequences", type=_positive_int, default=None, help="sequences per evaluation (default 5000)")
-    parser.add_argument("--confirm-sequences", type=_positive_int, default=None,
-                        help="sequences of the repeat of an evaluation near the random bars (default 20000; "
-                             "not larger than --eval-sequences: no repeat)")
+    parser.add_argument(
+        "--stress", action="store_true", help="learning rate x3 and x10: verified a against unverified b"
+    )
+    parser.add_argument(
+        "--steps",
+        type=_positive_int,
+        default=None,
+        help="environment steps per run (default: the default training's, 1,200,000)",
+    )
+    parser.add_argument(
+        "--max-seconds", type=_positive_float, default=None, help="wall-clock cap per run (default 300)"
+    )
+    parser.add_argument(
+        "--eval-every", type=_positive_int, default=None, help="steps between evaluations (default 25,000)"
+    )
+    parser.add_argument(
+        "--eval-sequences", type=_positive_int, default=None, help="sequences per evaluation (default 5000)"
+    )
+    parser.add_argument(
+        "--confirm-sequences",
+        type=_positive_int,
+        default=None,
+        help="sequences of the repeat of an evaluation near the random bars (default 20000; "
+        "not larger than --eval-sequences: no repeat)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--runs", type=_runs, default=None, help="subset of a,b,b',c,d,e (default all; a,b with --stress)")
+    parser.add_argument(
+        "--runs", type=_runs, default=None, help="subset of a,b,b',c,d,e (default all; a,b with --stress)"
+    )
     parser.add_argument("--lr-factors", type=_factors, default=[3.0, 10.0], help="learning-rate factors of --stress")
     parser.add_argument("--output-dir", type=Path, default=DEFAULT_OUTPUT, help="where the PNG and JSON go")
-    parser.add_argument("--jobs", type=_positive_int, default=1,
-                        help="runs trained at a time, each in its own process (default 1; 2 on 2 cores halves the "
-                             "wall time, and each run then shares the machine with another)")
-    parser.add_argument("--threads", type=_positive_int, default=1,
-                        help="torch threads per run (default 1; the training job uses 2 on 2 cores when it runs "
-                             "alone: --runs a --threads 2 times it that way)")
+    parser.add_argument(
+        "--jobs",
+        type=_positive_int,
+        default=1,
+        help="runs trained at a time, each in its own process (default 1; 2 on 2 cores halves the "
+        "wall time, and each run then shares the machine with another)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        default=1,
+        help="torch threads per run (default 1; the training job uses 2 on 2 cores when it runs "
+        "alone: --runs a --threads 2 times it that way)",
+    )
     args = parser.parse_args(argv)
     if args.seed < 0:
         parser.error("--seed: expected an integer >= 0")
@@ -478,26 +596,35 @@ def main(argv: list[str] | None = None) -> None:
     th.set_num_threads(args.threads)
     factors = args.lr_factors if args.stress else [1.0]
     mode = "stress" if args.stress else "default"
-    print(f"Learning benchmark ({mode}{', quick' if args.quick else ''}): {args.steps:,} steps per run, "
-          f"<= {args.max_seconds:g} s per run, evaluation every {args.eval_every:,} steps on {args.eval_sequences} "
-          f"sequences ({args.confirm_sequences} when near the random policy's bars), seed {args.seed}, "
-          f"{args.threads} thread{'s' if args.threads > 1 else ''} per run, "
-          f"{args.jobs} run{'s' if args.jobs > 1 else ''} at a time", flush=True)
+    print(
+        f"Learning benchmark ({mode}{', quick' if args.quick else ''}): {args.steps:,} steps per run, "
+        f"<= {args.max_seconds:g} s per run, evaluation every {args.eval_every:,} steps on {args.eval_sequences} "
+        f"sequences ({args.confirm_sequences} when near the random policy's bars), seed {args.seed}, "
+        f"{args.threads} thread{'s' if args.threads > 1 else ''} per run, "
+        f"{args.jobs} run{'s' if args.jobs > 1 else ''} at a time",
+        flush=True,
+    )
     if args.stress:
         default = TrainConfig()
-        print(f"learning rate x {', x'.join(f'{f:g}' for f in factors)} (default {default.learning_rate:g}, "
-              f"decaying to {default.learning_rate_final:g})")
+        print(
+            f"learning rate x {', x'.join(f'{f:g}' for f in factors)} (default {default.learning_rate:g}, "
+            f"decaying to {default.learning_rate_final:g})"
+        )
     results = train_runs(args, factors)
 
     print()
     print(format_table(results))
-    print(f"(time s: training wall time without evaluations; * = stopped by --max-seconds; ->X: wall time s / steps "
-          f"at the first evaluation with mean return >= X; never<random: return >= {RANDOM_POLICY_RETURN} and "
-          f"repetition <= {RANDOM_POLICY_REPETITION:.1%} at every evaluation after the first)")
+    print(
+        f"(time s: training wall time without evaluations; * = stopped by --max-seconds; ->X: wall time s / steps "
+        f"at the first evaluation with mean return >= X; never<random: return >= {RANDOM_POLICY_RETURN} and "
+        f"repetition <= {RANDOM_POLICY_REPETITION:.1%} at every evaluation after the first)"
+    )
     for r in results:
         if r.rolled_back is not None:
-            print(f"{r.key}: {r.rolled_back} updates rolled back, {r.backtracked} accepted after backtracking, "
-                  f"{r.undone} undone on the next rollout")
+            print(
+                f"{r.key}: {r.rolled_back} updates rolled back, {r.backtracked} accepted after backtracking, "
+                f"{r.undone} undone on the next rollout"
+            )
     lines = [overhead_line(results)] if not args.stress else [worst_line(results, f) for f in factors]
     for line in filter(None, lines):
         print(line)
@@ -506,9 +633,19 @@ def main(argv: list[str] | None = None) -> None:
     png, data = args.output_dir / f"{stem}.png", args.output_dir / f"{stem}.json"
     plot(results, png, f"TextGen-v0, {mode} mode, seed {args.seed}")
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-    data.write_text(json.dumps({"settings": settings, "random_return": RANDOM_POLICY_RETURN,
-                                "random_repetition_rate": RANDOM_POLICY_REPETITION, "optimal_return": OPTIMAL_RETURN,
-                                "runs": [r.as_dict() for r in results]}, indent=2) + "\n")
+    data.write_text(
+        json.dumps(
+            {
+                "settings": settings,
+                "random_return": RANDOM_POLICY_RETURN,
+                "random_repetition_rate": RANDOM_POLICY_REPETITION,
+                "optimal_return": OPTIMAL_RETURN,
+                "runs": [r.as_dict() for r in results],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"wrote {png} and {data}")
 
 

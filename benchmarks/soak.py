@@ -27,20 +27,28 @@ from pathlib import Path
 from typing import Any
 
 try:
-    import textenv_gym  # noqa: F401
+    import textenv_gym
 except ImportError:  # run from a checkout without installing
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     import textenv_gym  # noqa: F401
 
-import torch as th  # noqa: E402
-from stable_baselines3.common.callbacks import BaseCallback  # noqa: E402
+import torch as th
+from stable_baselines3.common.callbacks import BaseCallback
 
-from verl_sb3.training import TrainConfig, build_model  # noqa: E402
+from verl_sb3.app.config import TrainConfig
+from verl_sb3.app.training import build_model
 
 MB = 1024 * 1024
 #: A quick run: small vocabulary and network, few environments.
-QUICK = dict(total_timesteps=4_800, n_envs=8, n_steps=20, batch_size=80, vocab_size=12, max_length=20,
-             policy_kwargs={"enable_critic_lstm": False, "lstm_hidden_size": 16, "embedding_dim": 8, "n_lstm_layers": 1})
+QUICK = dict(
+    total_timesteps=4_800,
+    n_envs=8,
+    n_steps=20,
+    batch_size=80,
+    vocab_size=12,
+    max_length=20,
+    policy_kwargs={"enable_critic_lstm": False, "lstm_hidden_size": 16, "embedding_dim": 8, "n_lstm_layers": 1},
+)
 
 
 def rss_bytes() -> float:
@@ -102,8 +110,10 @@ def traced_size(value: Any) -> int:
 class MemoryReport(BaseCallback):
     """Measures memory and the verification log every ``interval`` steps, right after an update."""
 
-    HEADER = (f"{'steps':>10} {'updates':>8} {'wall s':>8} {'steps/s':>8} {'RSS MB':>8} {'peak MB':>8} "
-              f"{'log entries':>11} {'log KB':>8} {'B/entry':>8} {'accepted':>8}")
+    HEADER = (
+        f"{'steps':>10} {'updates':>8} {'wall s':>8} {'steps/s':>8} {'RSS MB':>8} {'peak MB':>8} "
+        f"{'log entries':>11} {'log KB':>8} {'B/entry':>8} {'accepted':>8}"
+    )
 
     def __init__(self, interval: int) -> None:
         super().__init__()
@@ -133,19 +143,33 @@ class MemoryReport(BaseCallback):
         wall = time.perf_counter() - self._start
         log_bytes = pickled_size(log)
         accepted = sum(entry["accepted"] for entry in log) / len(log) if log else math.nan
-        row = dict(steps=self.num_timesteps, updates=self.model._n_verified, wall=wall, rss=rss_bytes(),
-                   peak=peak_rss_bytes(), entries=len(log), log_bytes=log_bytes,
-                   per_entry=log_bytes / len(log) if log else math.nan, accepted=accepted)
+        row = dict(
+            steps=self.num_timesteps,
+            updates=self.model.verification_report.n_verified,
+            wall=wall,
+            rss=rss_bytes(),
+            peak=peak_rss_bytes(),
+            entries=len(log),
+            log_bytes=log_bytes,
+            per_entry=log_bytes / len(log) if log else math.nan,
+            accepted=accepted,
+        )
         self.rows.append(row)
-        print(f"{row['steps']:>10,} {row['updates']:>8,} {wall:>8.1f} {row['steps'] / wall:>8,.0f} "
-              f"{row['rss'] / MB:>8.1f} {row['peak'] / MB:>8.1f} {row['entries']:>11,} {log_bytes / 1024:>8.1f} "
-              f"{row['per_entry']:>8.0f} {accepted:>8.1%}", flush=True)
+        print(
+            f"{row['steps']:>10,} {row['updates']:>8,} {wall:>8.1f} {row['steps'] / wall:>8,.0f} "
+            f"{row['rss'] / MB:>8.1f} {row['peak'] / MB:>8.1f} {row['entries']:>11,} {log_bytes / 1024:>8.1f} "
+            f"{row['per_entry']:>8.0f} {accepted:>8.1%}",
+            flush=True,
+        )
 
 
 def bound_check(bound: int, updates: int) -> tuple[list[int], list[int], int]:
     """A small model trained ``updates`` updates with ``max_log_entries=bound``: log lengths and sizes."""
-    config = TrainConfig(**{**QUICK, "total_timesteps": updates * QUICK["n_envs"] * QUICK["n_steps"]},
-                         verification={"max_log_entries": bound}, progress_bar=False)
+    config = TrainConfig(
+        **{**QUICK, "total_timesteps": updates * QUICK["n_envs"] * QUICK["n_steps"]},
+        verification={"max_log_entries": bound},
+        progress_bar=False,
+    )
     model = build_model(config)
     lengths, sizes = [], []
 
@@ -160,7 +184,7 @@ def bound_check(bound: int, updates: int) -> tuple[list[int], list[int], int]:
     model.learn(config.total_timesteps, callback=Track())
     lengths.append(len(model.verification_log))
     sizes.append(pickled_size(model.verification_log))
-    return lengths, sizes, model._n_verified
+    return lengths, sizes, model.verification_report.n_verified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,8 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="environment steps (default 1,000,000; --quick: 4,800)")
     parser.add_argument("--interval", type=int, default=None, help="steps between reports (default steps / 10)")
     parser.add_argument("--quick", action="store_true", help="a tiny model and run, for a smoke test")
-    parser.add_argument("--max-log-entries", type=int, default=None,
-                        help="bound the main run's verification log (default: none, as the default training)")
+    parser.add_argument(
+        "--max-log-entries",
+        type=int,
+        default=None,
+        help="bound the main run's verification log (default: none, as the default training)",
+    )
     parser.add_argument("--bound", type=int, default=10, help="max_log_entries of the bound check")
     args = parser.parse_args(argv)
     th.set_num_threads(1)
@@ -183,44 +211,64 @@ def main(argv: list[str] | None = None) -> int:
     rollout = config.n_envs * config.n_steps
     interval = args.interval or max(rollout, steps // 10)
     model = build_model(config)
-    print(f"Soak: {steps:,} steps of {'the quick' if args.quick else 'the default'} training "
-          f"({config.n_envs} envs x {config.n_steps} steps per update, vocabulary {config.vocab_size}), "
-          f"max_log_entries={model.max_log_entries}, report every {interval:,} steps")
+    print(
+        f"Soak: {steps:,} steps of {'the quick' if args.quick else 'the default'} training "
+        f"({config.n_envs} envs x {config.n_steps} steps per update, vocabulary {config.vocab_size}), "
+        f"max_log_entries={model.max_log_entries}, report every {interval:,} steps"
+    )
     report = MemoryReport(interval)
     model.learn(steps, callback=report)
 
     rows = report.rows
     log = model.verification_log
     print()
-    print(f"updates: {model._n_verified:,}; accepted at the full step: {model.verification_rate:.1%}; "
-          f"rolled back: {model._n_rolled_back}; undone on the next rollout: {model.n_undone}; wall {rows[-1]['wall']:.1f} s ({rows[-1]['steps'] / rows[-1]['wall']:,.0f} steps/s)")
+    print(
+        f"updates: {model.verification_report.n_verified:,}; accepted at the full step: {model.verification_rate:.1%}; "
+        f"rolled back: {model.verification_report.n_rolled_back}; undone on the next rollout: {model.n_undone}; "
+        f"wall {rows[-1]['wall']:.1f} s ({rows[-1]['steps'] / rows[-1]['wall']:,.0f} steps/s)"
+    )
     half = next((row for row in rows if row["steps"] >= steps / 2), rows[0])
     growth = rows[-1]["rss"] - half["rss"]
     span = max(rows[-1]["steps"] - half["steps"], 1)
-    print(f"RSS: {rows[0]['rss'] / MB:.1f} MB at {rows[0]['steps']:,} steps, {half['rss'] / MB:.1f} MB at {half['steps']:,}, "
-          f"{rows[-1]['rss'] / MB:.1f} MB at the end; second half: {growth / MB:+.1f} MB "
-          f"({growth / MB / span * 1e6:+.2f} MB per million steps); peak {rows[-1]['peak'] / MB:.1f} MB")
+    print(
+        f"RSS: {rows[0]['rss'] / MB:.1f} MB at {rows[0]['steps']:,} steps, {half['rss'] / MB:.1f} MB at "
+        f"{half['steps']:,}, "
+        f"{rows[-1]['rss'] / MB:.1f} MB at the end; second half: {growth / MB:+.1f} MB "
+        f"({growth / MB / span * 1e6:+.2f} MB per million steps); peak {rows[-1]['peak'] / MB:.1f} MB"
+    )
     if log:
         entry = log[-1]
         pickled, in_memory, traced = pickled_size(entry), in_memory_size(entry), traced_size(entry)
         whole = pickled_size(log)
         per_million = 1e6 / rollout
-        print(f"one log entry ({len(entry['checks'])} checks): {pickled:,} bytes pickled, {in_memory:,} bytes in memory "
-              f"(sys.getsizeof, keys shared), {traced:,} bytes allocated to unpickle it (tracemalloc); "
-              f"whole log: {len(log):,} entries, {whole / 1024:.1f} KB pickled, {in_memory_size(log) / 1024:.1f} KB in memory")
+        print(
+            f"one log entry ({len(entry['checks'])} checks): {pickled:,} bytes pickled, {in_memory:,} bytes in memory "
+            f"(sys.getsizeof, keys shared), {traced:,} bytes allocated to unpickle it (tracemalloc); "
+            f"whole log: {len(log):,} entries, {whole / 1024:.1f} KB pickled, {in_memory_size(log) / 1024:.1f} "
+            f"KB in memory"
+        )
         if model.max_log_entries is None:
-            print(f"the log is unbounded (max_log_entries=None): {per_million:,.0f} entries per million steps of this "
-                  f"training, about {per_million * in_memory / MB:.2f} MB in memory per million steps "
-                  f"({100 * per_million * in_memory / MB:,.0f} MB per 100 million)")
+            print(
+                f"the log is unbounded (max_log_entries=None): {per_million:,.0f} entries per million steps of this "
+                f"training, about {per_million * in_memory / MB:.2f} MB in memory per million steps "
+                f"({100 * per_million * in_memory / MB:,.0f} MB per 100 million)"
+            )
         else:
-            print(f"the log is bounded: at most {model.max_log_entries:,} entries, about "
-                  f"{model.max_log_entries * in_memory / MB:.2f} MB in memory")
+            print(
+                f"the log is bounded: at most {model.max_log_entries:,} entries, about "
+                f"{model.max_log_entries * in_memory / MB:.2f} MB in memory"
+            )
     lengths, sizes, updates = bound_check(args.bound, 3 * args.bound)
     bounded = max(lengths) <= args.bound and lengths[-1] == args.bound
     full = lengths.index(args.bound) if args.bound in lengths else len(lengths)
-    print(f"max_log_entries={args.bound} check: {updates} updates of a small model; the log grew to {max(lengths)} entries "
-          f"by update {full} and stayed at {sorted(set(lengths[full:]))} for the {len(lengths) - full} measurements after; "
-          f"pickled size at most {max(sizes):,} bytes (at the end {sizes[-1]:,}): {'BOUNDED' if bounded else 'NOT BOUNDED'}")
+    print(
+        f"max_log_entries={args.bound} check: {updates} updates of a small model; the log grew to "
+        f"{max(lengths)} entries "
+        f"by update {full} and stayed at {sorted(set(lengths[full:]))} for the {len(lengths) - full} "
+        f"measurements after; "
+        f"pickled size at most {max(sizes):,} bytes (at the end {sizes[-1]:,}): "
+        f"{'BOUNDED' if bounded else 'NOT BOUNDED'}"
+    )
     return 0 if bounded else 1
 
 

@@ -19,8 +19,8 @@ from stable_baselines3 import PPO
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import VerifiedPPO, VerifiedRecurrentPPO
+from verl_sb3.app.config import TrainConfig
 from verl_sb3.policies import SLMLstmPolicy
-from verl_sb3.training import TrainConfig
 
 TARGET_OVERHEAD = 0.05
 
@@ -28,10 +28,18 @@ TARGET_OVERHEAD = 0.05
 def recurrent_kwargs(config: TrainConfig) -> dict:
     """The default training run's settings (without verification-only arguments)."""
     return dict(
-        learning_rate=config.learning_rate_schedule(), n_steps=config.n_steps, batch_size=config.batch_size,
-        n_epochs=config.n_epochs, gamma=config.gamma, gae_lambda=config.gae_lambda, clip_range=config.clip_range,
-        ent_coef=config.ent_coef, vf_coef=config.vf_coef, max_grad_norm=config.max_grad_norm,
-        policy_kwargs=dict(config.policy_kwargs), seed=config.seed,
+        learning_rate=config.learning_rate_schedule(),
+        n_steps=config.n_steps,
+        batch_size=config.batch_size,
+        n_epochs=config.n_epochs,
+        gamma=config.gamma,
+        gae_lambda=config.gae_lambda,
+        clip_range=config.clip_range,
+        ent_coef=config.ent_coef,
+        vf_coef=config.vf_coef,
+        max_grad_norm=config.max_grad_norm,
+        policy_kwargs=dict(config.policy_kwargs),
+        seed=config.seed,
     )
 
 
@@ -59,13 +67,31 @@ def main() -> None:
     sb3_rollout = 8 * 2048  # SB3's PPO defaults on 8 environments: one rollout
     # (name, environments, steps per run, parent, verified)
     pairs = [
-        ("RecurrentPPO + SLMLstmPolicy (default training)", config.n_envs, timesteps, (RecurrentPPO, SLMLstmPolicy, base),
-         (VerifiedRecurrentPPO, SLMLstmPolicy, dict(base, **{**config.verification_kwargs(), "target_entropy": None}))),
-        ("PPO + MlpPolicy (default training settings)", config.n_envs, timesteps, (PPO, "MlpPolicy", ppo),
-         (VerifiedPPO, "MlpPolicy", dict(ppo, kl_threshold=config.kl_threshold))),
-        ("PPO + MlpPolicy (SB3's PPO defaults: 8 envs, n_steps 2048, batch 64, 10 epochs)", 8,
-         sb3_rollout * (1 if args.quick else 4), (PPO, "MlpPolicy", sb3_defaults),
-         (VerifiedPPO, "MlpPolicy", dict(sb3_defaults, kl_threshold=config.kl_threshold))),
+        (
+            "RecurrentPPO + SLMLstmPolicy (default training)",
+            config.n_envs,
+            timesteps,
+            (RecurrentPPO, SLMLstmPolicy, base),
+            (
+                VerifiedRecurrentPPO,
+                SLMLstmPolicy,
+                dict(base, **{**config.verification_kwargs(), "target_entropy": None}),
+            ),
+        ),
+        (
+            "PPO + MlpPolicy (default training settings)",
+            config.n_envs,
+            timesteps,
+            (PPO, "MlpPolicy", ppo),
+            (VerifiedPPO, "MlpPolicy", dict(ppo, kl_threshold=config.kl_threshold)),
+        ),
+        (
+            "PPO + MlpPolicy (SB3's PPO defaults: 8 envs, n_steps 2048, batch 64, 10 epochs)",
+            8,
+            sb3_rollout * (1 if args.quick else 4),
+            (PPO, "MlpPolicy", sb3_defaults),
+            (VerifiedPPO, "MlpPolicy", dict(sb3_defaults, kl_threshold=config.kl_threshold)),
+        ),
     ]
     print(f"Verification overhead: {repeats} runs each, alternated, 1 thread")
     failed = False
@@ -80,10 +106,16 @@ def main() -> None:
         print(f"{name}, {steps:,} steps per run")
         print(f"  parent    {parent_time * 1e6:8.1f} us/step   ({parent[0].__name__})")
         print(f"  verified  {verified_time * 1e6:8.1f} us/step   ({verified[0].__name__})")
-        print(f"  ratio     {verified_time / parent_time:8.3f}   overhead {overhead:+.1%} (target <= {TARGET_OVERHEAD:.0%}): "
-              f"{'MET' if overhead <= TARGET_OVERHEAD else 'NOT MET'}")
+        print(
+            f"  ratio     {verified_time / parent_time:8.3f}   overhead {overhead:+.1%} (target <= "
+            f"{TARGET_OVERHEAD:.0%}): "
+            f"{'MET' if overhead <= TARGET_OVERHEAD else 'NOT MET'}"
+        )
         pair_ratios = sorted(v / p for p, v in zip(times["parent"], times["verified"]))
-        print(f"  spread    each verified run over the parent run before it: {pair_ratios[0]:.3f} .. {pair_ratios[-1]:.3f}")
+        print(
+            f"  spread    each verified run over the parent run before it: {pair_ratios[0]:.3f} .. "
+            f"{pair_ratios[-1]:.3f}"
+        )
     print("all targets met" if not failed else "some targets not met")
 
 

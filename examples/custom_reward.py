@@ -30,9 +30,9 @@ from stable_baselines3.common.vec_env import VecEnv
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from textenv_gym import DEFAULT_VOCABULARY, Tokenizer, TorchRewardModel  # noqa: E402
-from textenv_gym.sb3_vec_env import make_textgen_vec_env  # noqa: E402
-from verl_sb3 import VerifiedRecurrentPPO  # noqa: E402
+from textenv_gym import DEFAULT_VOCABULARY, Tokenizer, TorchRewardModel
+from textenv_gym.sb3_vec_env import make_textgen_vec_env
+from verl_sb3 import VerifiedRecurrentPPO
 
 VOCAB_SIZE = len(DEFAULT_VOCABULARY)
 TOPIC_WORDS = ("river", "mountain", "forest", "ocean", "light", "sound", "world", "dream")
@@ -93,7 +93,9 @@ def reward_settings(reward_model: bool, topic_weight: float) -> dict[str, Any]:
     return {"reward_fns": {"topic": topic}, "reward_weights": {"topic": topic_weight}}
 
 
-def mean_components(model: VerifiedRecurrentPPO, env_kwargs: dict[str, Any], n_episodes: int, seed: int) -> dict[str, float]:
+def mean_components(
+    model: VerifiedRecurrentPPO, env_kwargs: dict[str, Any], n_episodes: int, seed: int
+) -> dict[str, float]:
     """Mean reward per episode, by component and in total, over ``n_episodes`` sampled episodes."""
     set_random_seed(seed)
     env: VecEnv = make_textgen_vec_env(min(n_episodes, 16), seed=seed, **env_kwargs)
@@ -125,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--total-timesteps", type=int, default=24_000, help="training steps (default 24000)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--episodes", type=int, default=64, help="episodes sampled to measure the components")
-    parser.add_argument("--reward-model", action="store_true",
-                        help="compute the topic component with a torch reward model (TorchRewardModel)")
+    parser.add_argument(
+        "--reward-model",
+        action="store_true",
+        help="compute the topic component with a torch reward model (TorchRewardModel)",
+    )
     parser.add_argument("--topic-weight", type=float, default=1.0, help="reward_weights['topic'] (default 1.0)")
     args = parser.parse_args(argv)
     if args.total_timesteps < 1 or args.episodes < 1:
@@ -139,19 +144,31 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:  # e.g. a non-finite --topic-weight
         parser.error(str(error))
     model = VerifiedRecurrentPPO(
-        "SLMLstmPolicy", env, n_steps=20, batch_size=80, n_epochs=4, learning_rate=1e-3, gamma=1.0, seed=args.seed,
+        "SLMLstmPolicy",
+        env,
+        n_steps=20,
+        batch_size=80,
+        n_epochs=4,
+        learning_rate=1e-3,
+        gamma=1.0,
+        seed=args.seed,
         policy_kwargs=dict(lstm_hidden_size=64, n_lstm_layers=1, embedding_dim=32),
     )
     source = "torch reward model (TorchRewardModel)" if args.reward_model else "numpy function"
-    print(f"Topic words (+{TOPIC_BONUS} x weight {args.topic_weight:g} each, first use; {source}): {', '.join(TOPIC_WORDS)}")
+    print(
+        f"Topic words (+{TOPIC_BONUS} x weight {args.topic_weight:g} each, first use; {source}): "
+        f"{', '.join(TOPIC_WORDS)}"
+    )
     before = mean_components(model, env_kwargs, args.episodes, seed=args.seed + 1)
     start = time.perf_counter()
     model.learn(args.total_timesteps)
     seconds = time.perf_counter() - start
     after = mean_components(model, env_kwargs, args.episodes, seed=args.seed + 1)
 
-    print(f"Trained {model.num_timesteps} timesteps in {seconds:.1f} s; "
-          f"verification rate {model.verification_rate:.1%} over {len(model.verification_log)} updates.")
+    print(
+        f"Trained {model.num_timesteps} timesteps in {seconds:.1f} s; "
+        f"verification rate {model.verification_rate:.1%} over {len(model.verification_log)} updates."
+    )
     print(f"Mean reward per episode by component ({args.episodes} sampled episodes):")
     print(f"  {'component':<12}{'before':>10}{'after':>10}")
     for name in before:

@@ -26,9 +26,9 @@ import torch as th
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from textenv_gym.sb3_vec_env import make_textgen_vec_env  # noqa: E402
-from verl_sb3 import CheckResult, UpdateContext, VerifiedRecurrentPPO  # noqa: E402
-from verl_sb3.checkpoints import save_checkpoint  # noqa: E402
+from textenv_gym.sb3_vec_env import make_textgen_vec_env
+from verl_sb3 import CheckResult, UpdateContext, VerifiedRecurrentPPO
+from verl_sb3.checkpoints import save_checkpoint
 
 CHECK = "max_kl_per_state"
 
@@ -41,8 +41,12 @@ class MaxStateKLRecurrentPPO(VerifiedRecurrentPPO):
     """
 
     def __init__(self, *args: Any, max_kl_per_state: float = 0.25, **kwargs: Any) -> None:
-        if isinstance(max_kl_per_state, bool) or not isinstance(max_kl_per_state, (int, float)) \
-                or not math.isfinite(max_kl_per_state) or max_kl_per_state <= 0:
+        if (
+            isinstance(max_kl_per_state, bool)
+            or not isinstance(max_kl_per_state, (int, float))
+            or not math.isfinite(max_kl_per_state)
+            or max_kl_per_state <= 0
+        ):
             raise ValueError(f"max_kl_per_state: expected a finite number > 0, got {max_kl_per_state!r}")
         self.max_kl_per_state = float(max_kl_per_state)  # saved with the model, restored by load()
         super().__init__(*args, **kwargs)
@@ -84,19 +88,29 @@ def main(argv: list[str] | None = None) -> int:
     th.set_num_threads(1)
 
     model = MaxStateKLRecurrentPPO(
-        "SLMLstmPolicy", make_textgen_vec_env(8, seed=args.seed),
+        "SLMLstmPolicy",
+        make_textgen_vec_env(8, seed=args.seed),
         max_kl_per_state=args.max_kl_per_state,
-        n_steps=20, batch_size=80, n_epochs=4, learning_rate=1e-3, gamma=1.0, seed=args.seed,
+        n_steps=20,
+        batch_size=80,
+        n_epochs=4,
+        learning_rate=1e-3,
+        gamma=1.0,
+        seed=args.seed,
         policy_kwargs=dict(lstm_hidden_size=64, n_lstm_layers=1, embedding_dim=32),
     )
     start = time.perf_counter()
     model.learn(args.total_timesteps)
     counts = veto_counts(model.verification_log)
-    print(f"Trained {model.num_timesteps} timesteps in {time.perf_counter() - start:.1f} s, {counts['updates']} updates; "
-          f"verification rate {model.verification_rate:.1%}.")
-    print(f"'{CHECK}' (largest per-state KL <= {model.max_kl_per_state:g}) vetoed {counts['vetoed']} of "
-          f"{counts['updates']} updates at the full step ({counts['vetoed_alone']} of them passed every other check): "
-          f"{counts['accepted_after_backtracking']} accepted after backtracking, {counts['rolled_back']} rolled back.")
+    print(
+        f"Trained {model.num_timesteps} timesteps in {time.perf_counter() - start:.1f} s, {counts['updates']} updates; "
+        f"verification rate {model.verification_rate:.1%}."
+    )
+    print(
+        f"'{CHECK}' (largest per-state KL <= {model.max_kl_per_state:g}) vetoed {counts['vetoed']} of "
+        f"{counts['updates']} updates at the full step ({counts['vetoed_alone']} of them passed every other check): "
+        f"{counts['accepted_after_backtracking']} accepted after backtracking, {counts['rolled_back']} rolled back."
+    )
     example = next((e for e in model.verification_log if not e["checks"][CHECK]["passed"]), None)
     if example is not None:
         print(f"  e.g. update {example['update']}: {example['reason']}")
@@ -105,9 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     loaded = MaxStateKLRecurrentPPO.load(path)
     assert type(loaded) is MaxStateKLRecurrentPPO and loaded.max_kl_per_state == model.max_kl_per_state
     assert veto_counts(loaded.verification_log) == counts
-    print(f"Saved to {path} and reloaded with {type(loaded).__name__}.load: max_kl_per_state "
-          f"{loaded.max_kl_per_state:g}, {len(loaded.verification_log)} log entries, "
-          f"verification rate {loaded.verification_rate:.1%}.")
+    print(
+        f"Saved to {path} and reloaded with {type(loaded).__name__}.load: max_kl_per_state "
+        f"{loaded.max_kl_per_state:g}, {len(loaded.verification_log)} log entries, "
+        f"verification rate {loaded.verification_rate:.1%}."
+    )
     return 0
 
 

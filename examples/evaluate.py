@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from verl_sb3.cli import main, with_default_checkpoint  # noqa: E402
+from verl_sb3.app.cli import main, with_default_checkpoint
 
 DEFAULT_CHECKPOINT = "results/model_checkpoints/final_model.zip"
 

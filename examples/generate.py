@@ -1,4 +1,5 @@
-"""Sample text from a checkpoint: ``python examples/generate.py [CHECKPOINT] [options]`` (same as ``verl-sb3 generate``).
+"""Sample text from a checkpoint: ``python examples/generate.py [CHECKPOINT] [options]``
+(the same as ``verl-sb3 generate``).
 
 The checkpoint defaults to ``results/model_checkpoints/final_model.zip``. Example:
 ``python examples/generate.py --prompt "start sequence generation" --num-sequences 3 --seed 0``.
@@ -9,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from verl_sb3.cli import main, with_default_checkpoint  # noqa: E402
+from verl_sb3.app.cli import main, with_default_checkpoint
 
 DEFAULT_CHECKPOINT = "results/model_checkpoints/final_model.zip"
 

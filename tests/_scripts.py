@@ -17,5 +17,6 @@ def run_python(*args: str | Path, timeout: float = 300) -> subprocess.CompletedP
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     env["MPLBACKEND"] = "Agg"
-    return subprocess.run([sys.executable, *map(str, args)], capture_output=True, text=True, env=env,
-                          cwd=str(REPO_ROOT), timeout=timeout)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], capture_output=True, text=True, env=env, cwd=str(REPO_ROOT), timeout=timeout
+    )

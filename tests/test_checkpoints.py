@@ -29,8 +29,15 @@ class TaggedVerifiedPPO(VerifiedRecurrentPPO):
 
 def make_model(cls=VerifiedRecurrentPPO, **kwargs):
     model = cls(
-        "SLMLstmPolicy", make_textgen_vec_env(2, seed=0, **ENV), n_steps=12, batch_size=24, n_epochs=2, seed=0,
-        learning_rate=3e-3, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8), **kwargs,
+        "SLMLstmPolicy",
+        make_textgen_vec_env(2, seed=0, **ENV),
+        n_steps=12,
+        batch_size=24,
+        n_epochs=2,
+        seed=0,
+        learning_rate=3e-3,
+        policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8),
+        **kwargs,
     )
     model.env_kwargs = TextGenConfig(**ENV).as_kwargs()
     return model
@@ -59,7 +66,8 @@ def test_round_trip_keeps_parameters_log_and_env_settings(trained, good_file):
     assert type(loaded) is VerifiedRecurrentPPO
     assert same_log(loaded.verification_log, trained.verification_log)
     assert loaded.verification_rate == trained.verification_rate or (
-        math.isnan(loaded.verification_rate) and math.isnan(trained.verification_rate))
+        math.isnan(loaded.verification_rate) and math.isnan(trained.verification_rate)
+    )
     assert loaded.env_kwargs == trained.env_kwargs and loaded.env_kwargs["forbidden_tokens"] == [7]
     assert tuple(loaded.forbidden_tokens) == trained.forbidden_tokens == (7,)  # JSON turns the tuple into a list
     expected = trained.policy.state_dict()
@@ -187,8 +195,9 @@ def test_a_flipped_byte_in_an_entry_names_the_entry_and_the_file(good_file, tmp_
     data = bytearray(good_file.read_bytes())
     with zipfile.ZipFile(good_file) as archive:
         info = archive.getinfo("policy.pth")
-    name_and_extra = int.from_bytes(data[info.header_offset + 26:info.header_offset + 28], "little") + int.from_bytes(
-        data[info.header_offset + 28:info.header_offset + 30], "little")
+    name_and_extra = int.from_bytes(data[info.header_offset + 26 : info.header_offset + 28], "little") + int.from_bytes(
+        data[info.header_offset + 28 : info.header_offset + 30], "little"
+    )
     data[info.header_offset + 30 + name_and_extra + info.compress_size // 2] ^= 0xFF  # inside the entry's data
     flipped = tmp_path / "flipped.zip"
     flipped.write_bytes(bytes(data))

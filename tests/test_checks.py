@@ -8,7 +8,8 @@ import pytest
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution
 
-from verl_sb3 import checks as C
+from verl_sb3.verification import checks as C
+from verl_sb3.verification.reuse_mass import reuse_mass
 
 
 def categorical(logits) -> CategoricalDistribution:
@@ -26,9 +27,16 @@ def context(old_logits, new_logits, advantages=None, returns=None, values=None, 
     defaults = dict(normalize_advantage=True, parameters=[th.ones(3)], forbidden_tokens=())
     defaults.update(kwargs)
     return C.UpdateContext(
-        old_distribution=old, new_distribution=new, mask=th.ones(n, dtype=th.bool), actions=actions,
-        advantages=advantages, returns=returns, values=values,
-        old_log_prob=old.log_prob(actions), new_log_prob=new.log_prob(actions), **defaults,
+        old_distribution=old,
+        new_distribution=new,
+        mask=th.ones(n, dtype=th.bool),
+        actions=actions,
+        advantages=advantages,
+        returns=returns,
+        values=values,
+        old_log_prob=old.log_prob(actions),
+        new_log_prob=new.log_prob(actions),
+        **defaults,
     )
 
 
@@ -67,7 +75,9 @@ def test_kl_mean_never_exceeds_its_maximum():
 
 def test_nan_advantage_fails_advantage_finite():
     assert C.advantage_finite_check(context(UNIFORM, UNIFORM)).passed
-    result = C.advantage_finite_check(context(UNIFORM, UNIFORM, advantages=[0.5, math.nan, -0.5, 1.0], returns=[0.0] * 4))
+    result = C.advantage_finite_check(
+        context(UNIFORM, UNIFORM, advantages=[0.5, math.nan, -0.5, 1.0], returns=[0.0] * 4)
+    )
     assert not result.passed and result.value == 1.0  # one NaN advantage; returns and values are finite
     assert "non-finite" in result.message
 
@@ -75,7 +85,9 @@ def test_nan_advantage_fails_advantage_finite():
 def test_returns_that_do_not_match_fail():
     good = context(UNIFORM, UNIFORM, values=[1.0, 2.0, 3.0, 4.0])
     assert C.returns_match_check(good, 1e-5).passed
-    bad = context(UNIFORM, UNIFORM, advantages=[0.1, 0.2, 0.3, 0.4], values=[1.0, 2.0, 3.0, 4.0], returns=[1.1, 2.2, 3.3, 9.0])
+    bad = context(
+        UNIFORM, UNIFORM, advantages=[0.1, 0.2, 0.3, 0.4], values=[1.0, 2.0, 3.0, 4.0], returns=[1.1, 2.2, 3.3, 9.0]
+    )
     result = C.returns_match_check(bad, 1e-5)
     assert not result.passed and result.value == pytest.approx(4.6 / 10.0)
 
@@ -148,9 +160,17 @@ def test_padding_is_left_out_of_every_per_sample_figure():
     old, new = categorical(old_logits), categorical(new_logits)
     actions = th.zeros(2, dtype=th.long)
     ctx = C.UpdateContext(
-        old_distribution=old, new_distribution=new, mask=mask, actions=actions, advantages=th.tensor([-1.0, 1.0]),
-        returns=th.tensor([-1.0, 1.0]), values=th.zeros(2), old_log_prob=old.log_prob(th.zeros(4, dtype=th.long))[mask],
-        new_log_prob=new.log_prob(th.zeros(4, dtype=th.long))[mask], normalize_advantage=True, parameters=[th.ones(1)],
+        old_distribution=old,
+        new_distribution=new,
+        mask=mask,
+        actions=actions,
+        advantages=th.tensor([-1.0, 1.0]),
+        returns=th.tensor([-1.0, 1.0]),
+        values=th.zeros(2),
+        old_log_prob=old.log_prob(th.zeros(4, dtype=th.long))[mask],
+        new_log_prob=new.log_prob(th.zeros(4, dtype=th.long))[mask],
+        normalize_advantage=True,
+        parameters=[th.ones(1)],
     )
     assert ctx.kl.shape == ctx.entropy.shape == (2,) and ctx.probabilities("new").shape == (2, 3)
     assert ctx.kl[0] == 0.0 and ctx.kl[1] == pytest.approx(float(context(UNIFORM[:1], new_logits[2:3]).kl[0]))
@@ -178,12 +198,14 @@ def test_returns_too_large_or_non_finite_fail_the_return_bound():
 def test_reuse_mass_counts_each_token_already_in_the_sequence_once():
     # 4 tokens, padding id 4; probabilities 0.1, 0.2, 0.3, 0.4
     logits = th.log(th.tensor([[0.1, 0.2, 0.3, 0.4]] * 4))
-    tokens = th.tensor([
-        [4, 4, 4],  # empty sequence: nothing to reuse
-        [1, 3, 4],  # tokens 1 and 3: 0.2 + 0.4
-        [2, 2, 2],  # token 2 three times counts once: 0.3
-        [3, 0, 3],  # 0.4 + 0.1
-    ])
-    mass = C.reuse_mass(logits, tokens, 4)
+    tokens = th.tensor(
+        [
+            [4, 4, 4],  # empty sequence: nothing to reuse
+            [1, 3, 4],  # tokens 1 and 3: 0.2 + 0.4
+            [2, 2, 2],  # token 2 three times counts once: 0.3
+            [3, 0, 3],  # 0.4 + 0.1
+        ]
+    )
+    mass = reuse_mass(logits, tokens, 4)
     assert mass.tolist() == pytest.approx([0.0, 0.6, 0.3, 0.5], abs=1e-6)
     assert tokens.tolist()[2] == [2, 2, 2]  # the input is not modified

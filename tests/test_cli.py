@@ -1,4 +1,4 @@
-"""The ``verl-sb3`` command line (verl_sb3.cli.main) and the example scripts."""
+"""The ``verl-sb3`` command line (verl_sb3.app.cli.main) and the example scripts."""
 
 from __future__ import annotations
 
@@ -15,24 +15,31 @@ from pathlib import Path
 import pytest
 import yaml
 
+from verl_sb3.app.cli import main, parse_token_ids, with_default_checkpoint
+from verl_sb3.app.config import TrainConfig
 from verl_sb3.checkpoints import load_checkpoint
-from verl_sb3.cli import main, parse_token_ids, with_default_checkpoint
 from verl_sb3.evaluation import evaluate_model
 from verl_sb3.generation import generate
 from verl_sb3.metrics import unique_ratio
-from verl_sb3.training import TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE_HEADER = "| Test case | Metric | Target | Actual |"
 TINY = dict(
-    total_timesteps=2048, n_envs=8, n_steps=20, batch_size=80, eval_freq=1024, checkpoint_freq=1024,
-    eval_sequences=20, final_eval_sequences=50,
+    total_timesteps=2048,
+    n_envs=8,
+    n_steps=20,
+    batch_size=80,
+    eval_freq=1024,
+    checkpoint_freq=1024,
+    eval_sequences=20,
+    final_eval_sequences=50,
 )
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """``verl-sb3 train --config tiny.yaml --seed 3 --output-dir ... --no-progress-bar``: (exit code, stdout, output)."""
+    """``verl-sb3 train --config tiny.yaml --seed 3 --output-dir ... --no-progress-bar``:
+    (exit code, stdout, output)."""
     folder = tmp_path_factory.mktemp("cli")
     config = folder / "tiny.yaml"
     config.write_text(yaml.safe_dump({**TINY, "seed": 0, "progress_bar": True}))
@@ -101,8 +108,20 @@ def test_evaluate_with_a_prompt_uses_the_prompts_optimum(checkpoint, capsys):
 
 
 def test_generate(checkpoint, capsys):
-    code = main(["generate", str(checkpoint), "--prompt", "Start sequence generation", "--num-sequences", "2",
-                 "--length", "5", "--seed", "0"])
+    code = main(
+        [
+            "generate",
+            str(checkpoint),
+            "--prompt",
+            "Start sequence generation",
+            "--num-sequences",
+            "2",
+            "--length",
+            "5",
+            "--seed",
+            "0",
+        ]
+    )
     stdout = capsys.readouterr().out
     assert code == 0
     expected = generate(load_checkpoint(checkpoint), "Start sequence generation", num_sequences=2, length=5, seed=0)
@@ -143,14 +162,20 @@ def run_error(argv, capsys) -> str:
         (["evaluate", "{checkpoint}", "--temperature", "nan"], "--temperature"),
         (["generate", "{checkpoint}", "--temperature", "0"], "--temperature: expected a finite number > 0"),
         (["generate", "{checkpoint}", "--temperature", "-1"], "--temperature"),
-        (["generate", "{checkpoint}", "--prompt", "hello zebra world"], "--prompt: text: unknown words ['hello', 'zebra']"),
+        (
+            ["generate", "{checkpoint}", "--prompt", "hello zebra world"],
+            "--prompt: text: unknown words ['hello', 'zebra']",
+        ),
         (["generate", "{checkpoint}", "--prompt-ids", "1,x"], "--prompt-ids: expected integer token ids"),
         (["generate", "{checkpoint}", "--prompt-ids", ",".join(map(str, range(20)))], "prompt: has 20 tokens"),
         (["generate", "{checkpoint}", "--prompt", "the " * 25], "prompt: has 25 tokens"),
         (["generate", "{checkpoint}", "--length", "50"], "length: expected an integer in [1, 20]"),
         (["generate", "{checkpoint}", "--num-sequences", "0"], "--num-sequences"),
         (["train", "--forbidden-tokens", "1,a"], "--forbidden-tokens: expected integer token ids"),
-        (["train", "--forbidden-tokens", "99", "--output-dir", "{out}"], "forbidden_tokens: token ids must lie in [0, 49]"),
+        (
+            ["train", "--forbidden-tokens", "99", "--output-dir", "{out}"],
+            "forbidden_tokens: token ids must lie in [0, 49]",
+        ),
         (["train", "--n-envs", "0", "--output-dir", "{out}"], "n_envs: expected an integer >= 1"),
         (["train", "--total-timesteps", "many"], "--total-timesteps"),
         (["train", "--config", "{unknown_key}"], "unknown settings ['nope']"),
@@ -158,17 +183,28 @@ def run_error(argv, capsys) -> str:
         (["train", "--config", "{missing}"], "no such file"),
         (["train", "--config", "{bad_verification}", "--output-dir", "{out}"], "unexpected keyword argument 'nope'"),
         (["train", "--config", "{bad_env_kwargs}", "--output-dir", "{out}"], "env_kwargs: "),
-        (["train", "--config", "{bad_forbidden}", "--output-dir", "{out}"], "forbidden_tokens: expected a list of token ids"),
+        (
+            ["train", "--config", "{bad_forbidden}", "--output-dir", "{out}"],
+            "forbidden_tokens: expected a list of token ids",
+        ),
         (["train", "--config", "{bad_seed}", "--output-dir", "{out}"], "seed: expected an integer >= 0"),
         (["evaluate"], "required: checkpoint"),
         ([], "required"),
     ],
 )
 def test_errors_exit_2_with_one_line(argv, expected, checkpoint, tmp_path, capsys):
-    files = dict(checkpoint=checkpoint, missing=tmp_path / "missing.zip", noise=tmp_path / "noise.zip",
-                 unknown_key=tmp_path / "unknown.yaml", bad_yaml=tmp_path / "bad.yaml", out=tmp_path / "out",
-                 bad_verification=tmp_path / "verification.yaml", bad_env_kwargs=tmp_path / "env.yaml",
-                 bad_forbidden=tmp_path / "forbidden.yaml", bad_seed=tmp_path / "seed.yaml")
+    files = dict(
+        checkpoint=checkpoint,
+        missing=tmp_path / "missing.zip",
+        noise=tmp_path / "noise.zip",
+        unknown_key=tmp_path / "unknown.yaml",
+        bad_yaml=tmp_path / "bad.yaml",
+        out=tmp_path / "out",
+        bad_verification=tmp_path / "verification.yaml",
+        bad_env_kwargs=tmp_path / "env.yaml",
+        bad_forbidden=tmp_path / "forbidden.yaml",
+        bad_seed=tmp_path / "seed.yaml",
+    )
     files["noise"].write_bytes(os.urandom(2048))
     files["unknown_key"].write_text("nope: 1\n")
     files["bad_yaml"].write_text("n_envs: [1\n")
@@ -194,14 +230,25 @@ def test_examples_default_to_the_final_model():
     default = "results/model_checkpoints/final_model.zip"
     assert with_default_checkpoint("generate", [], default) == ["generate", default]
     assert with_default_checkpoint("generate", ["--seed", "1"], default) == ["generate", default, "--seed", "1"]
-    assert with_default_checkpoint("generate", ["--seed", "1", "m.zip"], default) == ["generate", "--seed", "1", "m.zip"]
+    assert with_default_checkpoint("generate", ["--seed", "1", "m.zip"], default) == [
+        "generate",
+        "--seed",
+        "1",
+        "m.zip",
+    ]
     assert with_default_checkpoint("evaluate", ["m.zip", "--n-sequences", "5"], default)[1] == "m.zip"
-    assert with_default_checkpoint("evaluate", ["--prompt=the", "m.zip"], default) == ["evaluate", "--prompt=the", "m.zip"]
+    assert with_default_checkpoint("evaluate", ["--prompt=the", "m.zip"], default) == [
+        "evaluate",
+        "--prompt=the",
+        "m.zip",
+    ]
 
 
 def run_script(*args, cwd=ROOT):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_example_evaluate_uses_results_final_model(checkpoint, tmp_path):
@@ -215,12 +262,16 @@ def test_example_evaluate_uses_results_final_model(checkpoint, tmp_path):
 
 @pytest.mark.parametrize("variant", [[], ["--reward-model", "--topic-weight", "2"]], ids=["function", "torch-model"])
 def test_example_custom_reward(tmp_path, variant):
-    done = run_script(ROOT / "examples" / "custom_reward.py", "--total-timesteps", "320", "--episodes", "8", *variant,
-                      cwd=tmp_path)
+    done = run_script(
+        ROOT / "examples" / "custom_reward.py", "--total-timesteps", "320", "--episodes", "8", *variant, cwd=tmp_path
+    )
     assert done.returncode == 0, done.stderr
     assert ("TorchRewardModel" in done.stdout) == bool(variant)
-    rows = {line.split()[0]: [float(x) for x in line.split()[1:]] for line in done.stdout.splitlines()
-            if re.match(r"^\s+(diversity|repetition|forbidden|topic|total)\s", line)}
+    rows = {
+        line.split()[0]: [float(x) for x in line.split()[1:]]
+        for line in done.stdout.splitlines()
+        if re.match(r"^\s+(diversity|repetition|forbidden|topic|total)\s", line)
+    }
     assert set(rows) == {"diversity", "repetition", "forbidden", "topic", "total"}
     for column in (0, 1):  # before, after: the total is the sum of the components
         assert rows["total"][column] == pytest.approx(sum(rows[n][column] for n in rows if n != "total"), abs=2e-3)
@@ -228,10 +279,20 @@ def test_example_custom_reward(tmp_path, variant):
 
 
 def test_example_custom_verifier(tmp_path):
-    done = run_script(ROOT / "examples" / "custom_verifier.py", "--total-timesteps", "480", "--max-kl-per-state", "1e-6",
-                      "--output-dir", tmp_path, cwd=tmp_path)
+    done = run_script(
+        ROOT / "examples" / "custom_verifier.py",
+        "--total-timesteps",
+        "480",
+        "--max-kl-per-state",
+        "1e-6",
+        "--output-dir",
+        tmp_path,
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     # a bound of 1e-6 vetoes every update at the full step
-    assert re.search(r"'max_kl_per_state' \(largest per-state KL <= 1e-06\) vetoed 3 of 3 updates", done.stdout), done.stdout
+    assert re.search(r"'max_kl_per_state' \(largest per-state KL <= 1e-06\) vetoed 3 of 3 updates", done.stdout), (
+        done.stdout
+    )
     assert "reloaded with MaxStateKLRecurrentPPO.load: max_kl_per_state 1e-06, 3 log entries" in done.stdout
     assert (tmp_path / "max_kl_model.zip").is_file()

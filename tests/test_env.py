@@ -204,8 +204,9 @@ def test_repetition_and_forbidden_combine():
 
 
 def test_combination_with_prompt_and_custom_penalties():
-    env = TextGenEnv(vocab_size=6, repetition_window=2, repetition_penalty=-0.75,
-                     forbidden_tokens=[0, 3], forbidden_penalty=-0.125)
+    env = TextGenEnv(
+        vocab_size=6, repetition_window=2, repetition_penalty=-0.75, forbidden_tokens=[0, 3], forbidden_penalty=-0.125
+    )
     # [1,3] + 3 -> [1,3,3]: 2/3, run of 2 (window 2), 3 forbidden
     # + 0 -> [1,3,3,0]: 3/4, forbidden
     # + 5 -> [1,3,3,0,5]: 4/5
@@ -302,8 +303,14 @@ def test_reset_after_termination_starts_a_new_episode():
 
 @pytest.mark.parametrize(
     "prompt",
-    [[3, 5, 6], (3, 5, 6), np.array([3, 5, 6]), np.array([3, 5, 6], dtype=np.int32), "the model learns",
-     "  The MODEL\tlearns\n"],
+    [
+        [3, 5, 6],
+        (3, 5, 6),
+        np.array([3, 5, 6]),
+        np.array([3, 5, 6], dtype=np.int32),
+        "the model learns",
+        "  The MODEL\tlearns\n",
+    ],
     ids=["list", "tuple", "array", "int32-array", "text", "text-upper-case-whitespace"],
 )
 def test_prompt_forms(prompt):
@@ -405,8 +412,14 @@ def test_invalid_arguments_through_gym_make():
 
 
 def test_valid_edge_arguments():
-    env = TextGenEnv(vocab_size=np.int64(2), max_length=1, repetition_window=2, forbidden_tokens=np.array([1]),
-                     repetition_penalty=0, forbidden_penalty=np.float32(-2.0))
+    env = TextGenEnv(
+        vocab_size=np.int64(2),
+        max_length=1,
+        repetition_window=2,
+        forbidden_tokens=np.array([1]),
+        repetition_penalty=0,
+        forbidden_penalty=np.float32(-2.0),
+    )
     assert env.config.vocab_size == 2 and env.config.forbidden_tokens == (1,)
     assert env.config.forbidden_penalty == -2.0
     env.reset()

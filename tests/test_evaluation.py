@@ -10,11 +10,21 @@ import pytest
 from textenv_gym.dynamics import TextGenConfig
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import VerifiedRecurrentPPO
-from verl_sb3.evaluation import DEFAULT_RUN_TARGETS, TARGETS, Target, evaluate_model, evaluation_table, markdown_table, save_evaluation
+from verl_sb3.app.targets import DEFAULT_RUN_TARGETS, TARGETS, Target, evaluation_table, markdown_table, save_evaluation
+from verl_sb3.evaluation import evaluate_model
 from verl_sb3.generation import generate
 
-GOOD = dict(diversity=0.9, repetition_rate=0.0, violation_rate=0.0, verification_rate=1.0, mean_return=19.6,
-            optimal_return=20.0, entropy=2.5, distinct_sequences=1.0, distinct_2=0.9)
+GOOD = dict(
+    diversity=0.9,
+    repetition_rate=0.0,
+    violation_rate=0.0,
+    verification_rate=1.0,
+    mean_return=19.6,
+    optimal_return=20.0,
+    entropy=2.5,
+    distinct_sequences=1.0,
+    distinct_2=0.9,
+)
 
 
 def by_case(rows):
@@ -72,8 +82,14 @@ def test_markdown_table_and_saved_files(tmp_path):
 
 def test_a_forbidden_prompt_token_is_not_a_violation_of_the_model():
     config = TextGenConfig(vocab_size=8, max_length=6, forbidden_tokens=[0])
-    model = VerifiedRecurrentPPO("SLMLstmPolicy", make_textgen_vec_env(2, seed=0, **config.as_kwargs()), n_steps=8,
-                                 batch_size=16, seed=0, policy_kwargs=dict(lstm_hidden_size=8, n_lstm_layers=1, embedding_dim=4))
+    model = VerifiedRecurrentPPO(
+        "SLMLstmPolicy",
+        make_textgen_vec_env(2, seed=0, **config.as_kwargs()),
+        n_steps=8,
+        batch_size=16,
+        seed=0,
+        policy_kwargs=dict(lstm_hidden_size=8, n_lstm_layers=1, embedding_dim=4),
+    )
     model.env_kwargs = config.as_kwargs()
     figures = evaluate_model(model, n_sequences=40, seed=0, prompt=[0, 1])
     generated = generate(model, [0, 1], num_sequences=40, seed=0).generated

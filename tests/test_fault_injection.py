@@ -16,12 +16,12 @@ import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.vec_env import VecEnvWrapper
+from tensor_asserts import assert_same_tensors
 
 from textenv_gym.dynamics import TextGenConfig
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.generation import generate
-from tensor_asserts import assert_same_tensors
 
 ENV = dict(vocab_size=8, max_length=6)
 N_ENVS, N_STEPS = 2, 12  # two episodes per environment per rollout
@@ -29,7 +29,10 @@ ROLLOUT = N_ENVS * N_STEPS
 N_UPDATES, FAULT_AT = 5, 2  # the fault hits the third of five updates
 COMMON = dict(n_steps=N_STEPS, batch_size=24, n_epochs=2, learning_rate=3e-3, seed=0)
 SETTINGS = {
-    VerifiedRecurrentPPO: ("SLMLstmPolicy", dict(COMMON, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8))),
+    VerifiedRecurrentPPO: (
+        "SLMLstmPolicy",
+        dict(COMMON, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8)),
+    ),
     VerifiedPPO: ("MlpPolicy", dict(COMMON, policy_kwargs=dict(net_arch=[32]))),
 }
 BOTH = [VerifiedRecurrentPPO, VerifiedPPO]
@@ -53,7 +56,7 @@ def instrumented(cls):
             return self
 
         def _call(self, stage):
-            if self.fault is not None and self._n_verified == FAULT_AT:
+            if self.fault is not None and self.verification_report.n_verified == FAULT_AT:
                 self.fault(stage, self)
 
         def collect_rollouts(self, *args, **kwargs):
@@ -64,7 +67,7 @@ def instrumented(cls):
         def train(self):
             self.before.append(state(self))
             self._call("before_train")
-            stage_at = self._n_verified
+            stage_at = self.verification_report.n_verified
             super().train()
             self.after.append(state(self))
             if stage_at == FAULT_AT and self.fault is not None:
@@ -175,12 +178,14 @@ def broken_parameter(stage_to_hit: str):
 
 @pytest.mark.parametrize("cls", BOTH)
 def test_parameter_broken_after_an_update_is_restored_before_the_next_rollout(cls):
-    """Protection: ``_recover_non_finite_parameters`` at the start of ``collect_rollouts``.
+    """Protection: ``_repair_non_finite`` at the start of ``collect_rollouts``.
 
     A rollback of the next update could only return to the broken state (its snapshot is taken
     after the break); instead the state kept after the last verified update comes back.
     """
-    with pytest.warns(RuntimeWarning, match=r"finite_parameters: 1 non-finite parameters .* before collecting a rollout"):
+    with pytest.warns(
+        RuntimeWarning, match=r"finite_parameters: 1 non-finite parameters .* before collecting a rollout"
+    ):
         model = train_with(cls, broken_parameter("after_train"))
     log = model.verification_log
     assert [e["accepted"] for e in log] == [True] * N_UPDATES
@@ -194,7 +199,7 @@ def test_parameter_broken_after_an_update_is_restored_before_the_next_rollout(cl
 
 @pytest.mark.parametrize("cls", BOTH)
 def test_parameter_broken_between_collection_and_update_is_restored_before_the_update(cls):
-    """Protection: ``_recover_non_finite_parameters`` at the start of ``train()``."""
+    """Protection: ``_repair_non_finite`` at the start of ``train()``."""
     with pytest.warns(RuntimeWarning, match="finite_parameters: .* before the update"):
         model = train_with(cls, broken_parameter("before_train"))
     log = model.verification_log
@@ -210,7 +215,9 @@ def test_parameter_broken_before_training_is_a_clear_error():
     model = VerifiedRecurrentPPO(policy, make_textgen_vec_env(N_ENVS, seed=0, **ENV), **settings)
     with th.no_grad():
         model.policy.value_net.bias.fill_(math.nan)
-    with pytest.raises(RuntimeError, match=r"finite_parameters: 1 non-finite parameters \(value_net.bias\).*no verified state"):
+    with pytest.raises(
+        RuntimeError, match=r"finite_parameters: 1 non-finite parameters \(value_net.bias\).*no verified state"
+    ):
         model.learn(ROLLOUT)
 
 
@@ -227,7 +234,9 @@ def test_parameter_broken_during_a_rollout_is_a_clear_error():
 
     policy, settings = SETTINGS[VerifiedRecurrentPPO]
     model = VerifiedRecurrentPPO(policy, make_textgen_vec_env(N_ENVS, seed=0, **ENV), **settings)
-    with pytest.raises(RuntimeError, match=r"action_net.embedding.weight\) became non-finite while collecting a rollout"):
+    with pytest.raises(
+        RuntimeError, match=r"action_net.embedding.weight\) became non-finite while collecting a rollout"
+    ):
         model.learn(3 * ROLLOUT, callback=BreakMidRollout())
 
 

@@ -20,7 +20,11 @@ SMALL_POLICY = dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8)
 def small_model(policy_kwargs=SMALL_POLICY, **env_kwargs) -> VerifiedRecurrentPPO:
     config = TextGenConfig(**env_kwargs)
     model = VerifiedRecurrentPPO(
-        "SLMLstmPolicy", make_textgen_vec_env(2, seed=0, **config.as_kwargs()), n_steps=8, batch_size=16, seed=0,
+        "SLMLstmPolicy",
+        make_textgen_vec_env(2, seed=0, **config.as_kwargs()),
+        n_steps=8,
+        batch_size=16,
+        seed=0,
         policy_kwargs=dict(policy_kwargs),
     )
     model.env_kwargs = config.as_kwargs()
@@ -45,7 +49,9 @@ def test_generate_without_prompt(model):
     assert generation.prompt == []
     assert len(generation.tokens) == len(generation.generated) == len(generation.texts) == 5
     assert generation.returns.shape == (5,)
-    for tokens, generated, text, episode_return in zip(generation.tokens, generation.generated, generation.texts, generation.returns):
+    for tokens, generated, text, episode_return in zip(
+        generation.tokens, generation.generated, generation.texts, generation.returns
+    ):
         assert len(tokens) == config.max_length and generated == tokens
         assert all(0 <= t < config.vocab_size for t in tokens)
         assert text == config.tokenizer.decode(generated) and len(text.split()) == config.max_length
@@ -57,7 +63,9 @@ def test_generate_with_text_prompt(model):
     config = textgen_config(model)
     generation = generate(model, "Start sequence generation", num_sequences=3, seed=1)
     assert generation.prompt == [0, 1, 2]
-    for tokens, generated, text, episode_return in zip(generation.tokens, generation.generated, generation.texts, generation.returns):
+    for tokens, generated, text, episode_return in zip(
+        generation.tokens, generation.generated, generation.texts, generation.returns
+    ):
         assert tokens[:3] == [0, 1, 2] and tokens[3:] == generated
         assert len(generated) == config.max_length - 3
         assert text == config.tokenizer.decode(generated)  # the generated words only, not the prompt
@@ -158,7 +166,12 @@ def brute_force_optimum(config: TextGenConfig, prompt) -> float:
         (dict(vocab_size=3, max_length=6, forbidden_tokens=[2], forbidden_penalty=0.3, repetition_window=2), [2]),
         (dict(vocab_size=4, max_length=5, repetition_window=2), [3, 3, 3]),
         (dict(vocab_size=3, max_length=6, reward_weights={"diversity": 0.5, "repetition": 3.0}), [1]),
-        (dict(vocab_size=3, max_length=6, forbidden_tokens=[0], reward_weights={"diversity": -1.0, "forbidden": -0.5}), None),
+        (
+            dict(
+                vocab_size=3, max_length=6, forbidden_tokens=[0], reward_weights={"diversity": -1.0, "forbidden": -0.5}
+            ),
+            None,
+        ),
     ],
 )
 def test_optimal_return_matches_exhaustive_search(settings, prompt):

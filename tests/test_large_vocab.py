@@ -20,8 +20,7 @@ from textenv_gym import DEFAULT_VOCABULARY, TextGenConfig
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.generation import generate
-from verl_sb3.policies import SPARSE_BAG_RATIO, BagOfTokensCritic
-from verl_sb3.transformer_policy import SLMTransformerPolicy
+from verl_sb3.policies import SPARSE_BAG_RATIO, BagOfTokensCritic, SLMTransformerPolicy
 
 V, L = 5000, 128
 FORBIDDEN = [0, V - 1]
@@ -36,7 +35,7 @@ def random_actions(rng: np.random.Generator, steps: int, num_envs: int) -> np.nd
     used again and again (repeats, runs of 3 for the repetition penalty) and the forbidden ones."""
     actions = rng.integers(0, V, size=(steps, num_envs))
     reused = rng.random((steps, num_envs)) < 0.4
-    actions[reused] = rng.choice([7, 7, 7, 4321] + FORBIDDEN, size=int(reused.sum()))
+    actions[reused] = rng.choice([7, 7, 7, 4321, *FORBIDDEN], size=int(reused.sum()))
     return actions
 
 
@@ -131,7 +130,7 @@ def test_default_vocabulary_extends_to_5000_tokens_and_round_trips():
     assert vocabulary[: len(DEFAULT_VOCABULARY)] == DEFAULT_VOCABULARY
     assert vocabulary[50] == "tok50" and vocabulary[V - 1] == f"tok{V - 1}"
     tokenizer = config.tokenizer
-    ids = np.random.default_rng(0).integers(0, V, size=L).tolist() + [0, 49, 50, V - 1]
+    ids = [*np.random.default_rng(0).integers(0, V, size=L).tolist(), 0, 49, 50, V - 1]
     text = tokenizer.decode(ids)
     assert tokenizer.encode(text) == ids
     assert tokenizer.encode("The TOK4999 model tok50") == [3, V - 1, 5, 50]

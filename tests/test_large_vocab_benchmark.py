@@ -36,7 +36,10 @@ def test_quick_benchmark_prints_the_table_and_writes_the_csv(tmp_path):
         assert int(envs) == int(row["num_envs"]) == (64 if row["run"] == "env" else 16)
         assert float(rate.replace(",", "")) > 0 and abs(float(rate.replace(",", "")) - float(row["steps_per_s"])) <= 1
         assert float(peak) >= float(row["rss_after_imports_mb"]) > 0
-        assert abs(float(peak) - float(row["peak_rss_mb"])) <= 0.1 and abs(float(increase) - float(row["rss_increase_mb"])) <= 0.1
+        assert (
+            abs(float(peak) - float(row["peak_rss_mb"])) <= 0.1
+            and abs(float(increase) - float(row["rss_increase_mb"])) <= 0.1
+        )
         if row["run"] != "env":
             updates, total = row["updates_accepted"].split("/")
             assert int(total) == 2 and 0 <= int(updates) <= 2  # warm-up + 1 timed update, all verified

@@ -1,4 +1,5 @@
-"""Smoke test of ``benchmarks/learning.py``: ``--quick`` (and ``--quick --stress``) print the table and write the outputs."""
+"""Smoke test of ``benchmarks/learning.py``: ``--quick`` (and ``--quick --stress``) print the table
+and write the outputs."""
 
 from __future__ import annotations
 
@@ -9,14 +10,14 @@ import sys
 
 import pytest
 import torch
-
 from _scripts import REPO_ROOT, run_python
 
 SCRIPT = REPO_ROOT / "benchmarks" / "learning.py"
 NUMBER = r"\d[\d,]*(?:\.\d+)?"
 REACH = rf"(?:not reached|{NUMBER}s/{NUMBER})"
 ROW = re.compile(
-    rf"^(?P<key>[a-e]'?(?: x[\d.]+)?)\s+(?P<steps>{NUMBER})\s+(?P<seconds>{NUMBER})(?P<capped>\*?)\s+(?P<us>{NUMBER})\s+"
+    rf"^(?P<key>[a-e]'?(?: x[\d.]+)?)\s+(?P<steps>{NUMBER})\s+(?P<seconds>{NUMBER})(?P<capped>\*?)\s+"
+    rf"(?P<us>{NUMBER})\s+"
     rf"(?P<r190>{REACH})\s+(?P<r195>{REACH})\s+(?P<r198>{REACH})\s+(?P<best>{NUMBER})\s+"
     rf"(?P<worst>{NUMBER}) \((?P<worst_rep>{NUMBER})%\)\s+(?P<final>{NUMBER})\s+(?P<final_rep>{NUMBER})%\s+"
     rf"(?P<entropy>{NUMBER})\s+(?P<never>yes|no|n/a)$",
@@ -62,8 +63,10 @@ def check_row(row: dict[str, str], run_data: dict) -> None:
     assert [e["timesteps"] for e in evaluations] == sorted(e["timesteps"] for e in evaluations)
     for e in evaluations:  # quick mode: 50 sequences, repeated on 200 when within 3 standard errors of a bar
         screened = e["screening"] or e
-        near = (abs(screened["repetition_rate"] - 0.009) <= 3 * (0.009 * 0.991 / 50) ** 0.5
-                or abs(screened["mean_return"] - 18.24) <= 3 * 1.106 / 50**0.5)
+        near = (
+            abs(screened["repetition_rate"] - 0.009) <= 3 * (0.009 * 0.991 / 50) ** 0.5
+            or abs(screened["mean_return"] - 18.24) <= 3 * 1.106 / 50**0.5
+        )
         assert near == (e["screening"] is not None)
         assert e["n_sequences"] == (200 if near else 50)
     assert evaluations[-1]["timesteps"] == steps
@@ -89,8 +92,11 @@ def test_quick_default_mode(tmp_path):
         # the quick budget: 4,000 steps, rounded up to whole rollouts, or 60 s of training
         assert runs[key]["steps"] >= 4_000 or (runs[key]["capped_by_max_seconds"] and runs[key]["train_seconds"] >= 60)
         assert (row["capped"] == "*") == runs[key]["capped_by_max_seconds"]
-    overhead = re.search(rf"verification overhead \(a vs b'\): a ({NUMBER}) us/step, b' ({NUMBER}) us/step, "
-                         rf"ratio ({NUMBER}) \(([+-]{NUMBER})%\)", out)
+    overhead = re.search(
+        rf"verification overhead \(a vs b'\): a ({NUMBER}) us/step, b' ({NUMBER}) us/step, "
+        rf"ratio ({NUMBER}) \(([+-]{NUMBER})%\)",
+        out,
+    )
     assert overhead, out
     a_us, b_us, ratio = (number(overhead.group(i)) for i in (1, 2, 3))
     assert abs(ratio - a_us / b_us) <= 0.002 + 0.001 * ratio
@@ -115,13 +121,20 @@ def test_quick_stress_mode(tmp_path):
         verified = key.startswith("a")
         assert (runs[key]["undone_updates"] is not None) == verified
         if verified:
-            assert re.search(rf"^{key}: {runs[key]['rolled_back_updates']} updates rolled back, "
-                             rf"{runs[key]['backtracked_updates']} accepted after backtracking, "
-                             rf"{runs[key]['undone_updates']} undone on the next rollout$", out, re.MULTILINE), out
+            assert re.search(
+                rf"^{key}: {runs[key]['rolled_back_updates']} updates rolled back, "
+                rf"{runs[key]['backtracked_updates']} accepted after backtracking, "
+                rf"{runs[key]['undone_updates']} undone on the next rollout$",
+                out,
+                re.MULTILINE,
+            ), out
     run_worst = rf"return ({NUMBER}) \(at ({NUMBER}) steps\), repetition ({NUMBER})% \(at ({NUMBER}) steps\)"
     for factor in ("3", "10"):
-        line = re.search(rf"worst after the first evaluation, verified vs unverified \(lr x{factor}\): "
-                         rf"a {run_worst} vs b {run_worst}", out)
+        line = re.search(
+            rf"worst after the first evaluation, verified vs unverified \(lr x{factor}\): "
+            rf"a {run_worst} vs b {run_worst}",
+            out,
+        )
         assert line, out
         for offset, run in ((0, "a"), (4, "b")):
             later = runs[f"{run} x{factor}"]["evaluations"][1:]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import sys
 from pathlib import Path
 
@@ -22,14 +23,8 @@ from stable_baselines3.common.vec_env import DummyVecEnv  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.nn.utils.rnn import PackedSequence  # noqa: E402
 
-from verl_sb3.policies import (  # noqa: E402
-    BagOfTokensCritic,
-    TiedOutput,
-    SLMLstmPolicy,
-    TokenIdsExtractor,
-    features_to_token_ids,
-    token_space_sizes,
-)
+from verl_sb3.policies import BagOfTokensCritic, SLMLstmPolicy, TiedOutput, TokenIdsExtractor  # noqa: E402
+from verl_sb3.tokens import features_to_token_ids, token_space_sizes  # noqa: E402
 
 V, L = 7, 6  # vocabulary size (padding id = V), max sequence length
 ATOL = 1e-5
@@ -89,9 +84,9 @@ def padded(tokens) -> np.ndarray:
 def tokens_of(obs) -> list[int]:
     out = []
     for t in np.asarray(obs).reshape(-1).tolist():
-        if int(round(t)) == V:
+        if round(t) == V:
             break
-        out.append(int(round(t)))
+        out.append(round(t))
     return out
 
 
@@ -246,7 +241,7 @@ def buffer_like_batch(traj, cuts_per_env):
     seqs = []
     for env, cuts in enumerate(cuts_per_env):
         bounds = [*cuts, n_steps]
-        for start, end in zip(bounds[:-1], bounds[1:]):
+        for start, end in itertools.pairwise(bounds):
             seqs.append((env, start, end))
     max_len = max(end - start for _, start, end in seqs)
     n_seq = len(seqs)
@@ -503,7 +498,13 @@ def test_multidiscrete_policy_equals_box_policy(extractor_class):
 def test_multidiscrete_env_trains():
     env = DummyVecEnv([lambda: TinyTextEnv(prompts=[[], [1, 2]], multi_discrete=True)])
     model = RecurrentPPO(
-        SLMLstmPolicy, env, n_steps=32, batch_size=32, n_epochs=1, seed=0, device="cpu",
+        SLMLstmPolicy,
+        env,
+        n_steps=32,
+        batch_size=32,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
         policy_kwargs=dict(lstm_hidden_size=32, embedding_dim=16),
     )
     model.learn(64)
@@ -547,7 +548,13 @@ def test_initial_policy_is_near_uniform():
 def test_custom_sizes_are_honoured_and_work_with_recurrent_ppo():
     env = DummyVecEnv([lambda: TinyTextEnv() for _ in range(3)])
     model = RecurrentPPO(
-        SLMLstmPolicy, env, n_steps=8, batch_size=12, n_epochs=1, seed=0, device="cpu",
+        SLMLstmPolicy,
+        env,
+        n_steps=8,
+        batch_size=12,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
         policy_kwargs=dict(embedding_dim=16, lstm_hidden_size=24, n_lstm_layers=3),
     )
     policy = model.policy
@@ -627,8 +634,9 @@ def test_bag_of_tokens_counts_tokens_and_length():
 )
 def test_recurrent_ppo_learns_and_save_load_round_trip(policy_kwargs, tmp_path):
     env = DummyVecEnv([lambda: TinyTextEnv(prompts=[[], [1, 2], [3]]) for _ in range(2)])
-    model = RecurrentPPO(SLMLstmPolicy, env, n_steps=32, batch_size=32, n_epochs=2, seed=0, device="cpu",
-                         policy_kwargs=policy_kwargs)
+    model = RecurrentPPO(
+        SLMLstmPolicy, env, n_steps=32, batch_size=32, n_epochs=2, seed=0, device="cpu", policy_kwargs=policy_kwargs
+    )
     before = {k: v.clone() for k, v in model.policy.state_dict().items()}
     model.learn(256)
     assert model.num_timesteps >= 256
@@ -652,13 +660,14 @@ def test_recurrent_ppo_learns_and_save_load_round_trip(policy_kwargs, tmp_path):
         act_b, state_b = loaded.predict(obs, state_b, starts, deterministic=True)
         np.testing.assert_array_equal(act_a, act_b)
         np.testing.assert_allclose(state_a[0], state_b[0], atol=1e-6)
-        obs = np.stack([padded(tokens_of(o)[: L - 1] + [int(a)]) for o, a in zip(obs, act_a)])
+        obs = np.stack([padded([*tokens_of(o)[: L - 1], int(a)]) for o, a in zip(obs, act_a)])
         starts = np.zeros(3, dtype=bool)
 
 
 def test_policy_save_load_keeps_custom_sizes(tmp_path):
-    policy = make_policy(embedding_dim=12, lstm_hidden_size=20, n_lstm_layers=3, shared_lstm=True,
-                         enable_critic_lstm=False)
+    policy = make_policy(
+        embedding_dim=12, lstm_hidden_size=20, n_lstm_layers=3, shared_lstm=True, enable_critic_lstm=False
+    )
     path = tmp_path / "policy.pt"
     policy.save(str(path))
     loaded = SLMLstmPolicy.load(str(path), device="cpu").eval()

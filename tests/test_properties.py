@@ -1,4 +1,4 @@
-"""Property tests (hypothesis) of the verification functions in :mod:`verl_sb3.checks`.
+"""Property tests (hypothesis) of the verification functions in :mod:`verl_sb3.verification.checks`.
 
 Environment properties are covered by tests/test_env.py and tests/test_vector_env.py.
 """
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from stable_baselines3.common.distributions import CategoricalDistribution
 
-from verl_sb3 import checks as C
+from verl_sb3.verification import checks as C
 
 PROPERTIES = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -51,9 +51,17 @@ def context(old, new=None, advantages=None, returns=None, values=None, forbidden
     values = th.zeros(n) if values is None else th.as_tensor(values, dtype=th.float32)
     returns = advantages + values if returns is None else th.as_tensor(returns, dtype=th.float32)
     return C.UpdateContext(
-        old_distribution=old_d, new_distribution=new_d, mask=th.ones(n, dtype=th.bool), actions=actions,
-        advantages=advantages, returns=returns, values=values, old_log_prob=old_d.log_prob(actions),
-        new_log_prob=new_d.log_prob(actions), normalize_advantage=True, parameters=[th.ones(2)],
+        old_distribution=old_d,
+        new_distribution=new_d,
+        mask=th.ones(n, dtype=th.bool),
+        actions=actions,
+        advantages=advantages,
+        returns=returns,
+        values=values,
+        old_log_prob=old_d.log_prob(actions),
+        new_log_prob=new_d.log_prob(actions),
+        normalize_advantage=True,
+        parameters=[th.ones(2)],
         forbidden_tokens=forbidden_tokens,
     )
 
@@ -153,11 +161,18 @@ def test_returns_match_fails_when_one_return_moves_by_more_than_the_tolerance(ro
 
 # ---------------------------------------------------------------- return bound
 @PROPERTIES
-@given(arrays(np.float32, st.integers(1, 30),
-              elements=st.one_of(st.floats(-1e7, 1e7, width=32), st.sampled_from([math.nan, math.inf, -math.inf]))),
-       st.floats(1e-3, 1e6))
+@given(
+    arrays(
+        np.float32,
+        st.integers(1, 30),
+        elements=st.one_of(st.floats(-1e7, 1e7, width=32), st.sampled_from([math.nan, math.inf, -math.inf])),
+    ),
+    st.floats(1e-3, 1e6),
+)
 def test_return_bound_passes_iff_every_return_is_finite_and_within_the_bound(returns, bound):
-    ctx = context(np.zeros((len(returns), 3), np.float32), advantages=np.zeros(len(returns), np.float32), returns=returns)
+    ctx = context(
+        np.zeros((len(returns), 3), np.float32), advantages=np.zeros(len(returns), np.float32), returns=returns
+    )
     result = C.return_bound_check(ctx, bound)
     finite = bool(np.isfinite(returns).all())
     assert result.passed == (finite and float(np.abs(returns).max()) <= bound)
@@ -187,17 +202,23 @@ def test_forbidden_mass_is_a_probability(pair, data):
 @given(data=st.data())
 def test_every_reward_lies_within_the_documented_bounds(data):
     """TextGenEnv's manual: one step's reward lies in
-    [1 / max_length + min(repetition_penalty, 0) + min(forbidden_penalty, 0), 1 + max(repetition_penalty, 0) + max(forbidden_penalty, 0)]."""
+    [1 / max_length + min(repetition_penalty, 0) + min(forbidden_penalty, 0),
+     1 + max(repetition_penalty, 0) + max(forbidden_penalty, 0)]."""
     from textenv_gym import TextGenEnv
 
     vocab_size = data.draw(st.integers(2, 12), label="vocab_size")
     max_length = data.draw(st.integers(1, 15), label="max_length")
     repetition_penalty = data.draw(st.floats(-3, 3, allow_nan=False), label="repetition_penalty")
     forbidden_penalty = data.draw(st.floats(-3, 3, allow_nan=False), label="forbidden_penalty")
-    forbidden = data.draw(st.lists(st.integers(0, vocab_size - 1), max_size=vocab_size - 1, unique=True), label="forbidden")
+    forbidden = data.draw(
+        st.lists(st.integers(0, vocab_size - 1), max_size=vocab_size - 1, unique=True), label="forbidden"
+    )
     env = TextGenEnv(
-        vocab_size=vocab_size, max_length=max_length, repetition_penalty=repetition_penalty,
-        repetition_window=data.draw(st.integers(2, 5), label="window"), forbidden_tokens=forbidden,
+        vocab_size=vocab_size,
+        max_length=max_length,
+        repetition_penalty=repetition_penalty,
+        repetition_window=data.draw(st.integers(2, 5), label="window"),
+        forbidden_tokens=forbidden,
         forbidden_penalty=forbidden_penalty,
     )
     prompt = data.draw(st.lists(st.integers(0, vocab_size - 1), max_size=max_length - 1), label="prompt")

@@ -42,8 +42,16 @@ def run(block: str) -> dict:
 
 
 def test_every_readme_snippet_is_run_by_a_test():
-    markers = ("TextGen-v0", "no_token_dominates", "load_checkpoint(", "ref_kl_coef=", '"SLMTransformerPolicy"', "vocab_size=5000",
-               "CriticWarmupCallback(5)", "max_reuse_rise=3.0")
+    markers = (
+        "TextGen-v0",
+        "no_token_dominates",
+        "load_checkpoint(",
+        "ref_kl_coef=",
+        '"SLMTransformerPolicy"',
+        "vocab_size=5000",
+        "CriticWarmupCallback(5)",
+        "max_reuse_rise=3.0",
+    )
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
 
@@ -88,7 +96,7 @@ def test_readme_next_rollout_judgement_snippet_runs(tmp_path, monkeypatch, capsy
     model = run(block_with("max_reuse_rise=3.0"))["judged"]
     rollouts = model.num_timesteps // (model.n_steps * model.n_envs)  # 10, or 11 when the last update was undone
     assert model.max_reuse_rise == 3.0 and len(model.verification_log) + model.n_undone == rollouts
-    assert model._rollout_reuse is not None  # every rollout was measured
+    assert model.rollout_judgement.measured is not None  # every rollout was measured
     assert capsys.readouterr().out.startswith(f"{model.n_undone} {model.lr_scale}")
 
 

@@ -8,16 +8,18 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.vec_env import VecEnvWrapper
+from tensor_asserts import assert_same_tensors
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import AdaptiveKLController, VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.kl_control import exact_kl, kl_estimate
-from tensor_asserts import assert_same_tensors
 
 N_ENVS, N_STEPS = 4, 6
 PPO_KW = dict(n_steps=N_STEPS, batch_size=N_ENVS * N_STEPS, n_epochs=2, policy_kwargs=dict(net_arch=[16]))
 SLM_KW = dict(
-    n_steps=N_STEPS, batch_size=N_ENVS * N_STEPS, n_epochs=2,
+    n_steps=N_STEPS,
+    batch_size=N_ENVS * N_STEPS,
+    n_epochs=2,
     policy_kwargs=dict(embedding_dim=8, lstm_hidden_size=16, n_lstm_layers=1, enable_critic_lstm=False),
 )
 
@@ -78,7 +80,9 @@ def reference_log_probs(model, buffer, reference_policy):
     return th.log_softmax(logits, -1).gather(-1, actions[..., None])[..., 0], logits
 
 
-@pytest.mark.parametrize("cls, policy, kwargs", [(VerifiedPPO, "MlpPolicy", PPO_KW), (VerifiedRecurrentPPO, "SLMLstmPolicy", SLM_KW)])
+@pytest.mark.parametrize(
+    "cls, policy, kwargs", [(VerifiedPPO, "MlpPolicy", PPO_KW), (VerifiedRecurrentPPO, "SLMLstmPolicy", SLM_KW)]
+)
 @pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
 def test_reward_mode_subtracts_beta_times_the_estimate(cls, policy, kwargs, estimator):
     other = distinct_reference(cls, policy, kwargs)
@@ -92,7 +96,9 @@ def test_reward_mode_subtracts_beta_times_the_estimate(cls, policy, kwargs, esti
     assert model._ref_rollout["kl"] == pytest.approx(float(expected_kl.mean()), rel=1e-5, abs=1e-7)
 
 
-@pytest.mark.parametrize("cls, policy, kwargs", [(VerifiedPPO, "MlpPolicy", PPO_KW), (VerifiedRecurrentPPO, "SLMLstmPolicy", SLM_KW)])
+@pytest.mark.parametrize(
+    "cls, policy, kwargs", [(VerifiedPPO, "MlpPolicy", PPO_KW), (VerifiedRecurrentPPO, "SLMLstmPolicy", SLM_KW)]
+)
 def test_reward_mode_exact_estimator(cls, policy, kwargs):
     other = distinct_reference(cls, policy, kwargs)
     model = cls(policy, textgen(), seed=0, ref_kl_coef=0.5, ref_kl_estimator="exact", reference=other, **kwargs)
@@ -124,8 +130,15 @@ def test_loss_mode_adds_the_gradient_of_beta_times_mean_kl(estimator):
     def first_gradient(coef):
         other = distinct_reference(VerifiedPPO, "MlpPolicy", PPO_KW)
         model = VerifiedPPO(
-            "MlpPolicy", textgen(), seed=0, ref_kl_coef=coef, ref_kl_mode="loss", ref_kl_estimator=estimator,
-            reference=other, max_grad_norm=1e9, **{**PPO_KW, "n_epochs": 1},
+            "MlpPolicy",
+            textgen(),
+            seed=0,
+            ref_kl_coef=coef,
+            ref_kl_mode="loss",
+            ref_kl_estimator=estimator,
+            reference=other,
+            max_grad_norm=1e9,
+            **{**PPO_KW, "n_epochs": 1},
         )
         initial = copy.deepcopy(model.policy)
         gradients = []
@@ -164,8 +177,16 @@ def test_loss_mode_recurrent_pulls_the_policy_toward_the_reference():
     def final_kl(coef):
         other = distinct_reference(VerifiedRecurrentPPO, "SLMLstmPolicy", SLM_KW)
         model = VerifiedRecurrentPPO(
-            "SLMLstmPolicy", textgen(), seed=0, ref_kl_coef=coef, ref_kl_mode="loss", ref_kl_estimator="exact",
-            reference=other, learning_rate=3e-3, kl_threshold=1e9, **SLM_KW,
+            "SLMLstmPolicy",
+            textgen(),
+            seed=0,
+            ref_kl_coef=coef,
+            ref_kl_mode="loss",
+            ref_kl_estimator="exact",
+            reference=other,
+            learning_rate=3e-3,
+            kl_threshold=1e9,
+            **SLM_KW,
         )
         model.learn(10 * N_STEPS * N_ENVS)
         assert all(entry["accepted"] for entry in model.verification_log)
@@ -194,8 +215,16 @@ def test_adaptive_controller_moves_and_is_restored_by_a_rollback():
 def test_save_and_load_keep_the_reference_and_the_controller(tmp_path, mode):
     other = VerifiedRecurrentPPO("SLMLstmPolicy", textgen(), seed=1, **SLM_KW)
     model = VerifiedRecurrentPPO(
-        "SLMLstmPolicy", textgen(), seed=0, reference=other, ref_kl_coef=0.3, ref_kl_target=0.01,
-        ref_kl_horizon=50, ref_kl_mode=mode, ref_kl_estimator="k3", **SLM_KW,
+        "SLMLstmPolicy",
+        textgen(),
+        seed=0,
+        reference=other,
+        ref_kl_coef=0.3,
+        ref_kl_target=0.01,
+        ref_kl_horizon=50,
+        ref_kl_mode=mode,
+        ref_kl_estimator="k3",
+        **SLM_KW,
     )
     model.learn(2 * N_STEPS * N_ENVS)
     model.save(tmp_path / "model")
@@ -255,7 +284,16 @@ def test_subclass_rollback_attributes_add_to_the_controller():
             self.counter += 1
             super()._update_learning_rate(optimizers)
 
-    model = Counting("SLMLstmPolicy", textgen(), seed=0, ref_kl_coef=0.2, ref_kl_target=0.05, kl_threshold=1e-12, max_backtracks=0, **SLM_KW)
+    model = Counting(
+        "SLMLstmPolicy",
+        textgen(),
+        seed=0,
+        ref_kl_coef=0.2,
+        ref_kl_target=0.05,
+        kl_threshold=1e-12,
+        max_backtracks=0,
+        **SLM_KW,
+    )
     model.counter = 0
     model.learn(2 * N_STEPS * N_ENVS)
     assert model._rollback_attribute_names() == ("kl_ctrl", "counter")
@@ -270,7 +308,9 @@ def test_the_mixin_works_on_plain_sb3_ppo(tmp_path):
     class ReferencePPO(ReferenceKLMixin, PPO):
         pass
 
-    model = ReferencePPO("MlpPolicy", textgen(), seed=0, ref_kl_coef=0.3, ref_kl_target=0.01, ref_kl_horizon=50, **PPO_KW)
+    model = ReferencePPO(
+        "MlpPolicy", textgen(), seed=0, ref_kl_coef=0.3, ref_kl_target=0.01, ref_kl_horizon=50, **PPO_KW
+    )
     model.learn(3 * N_STEPS * N_ENVS)
     assert model.kl_ctrl.value != 0.3 and model.logger.name_to_value["verl/kl_coef"] > 0
     model.save(tmp_path / "plain")

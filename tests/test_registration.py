@@ -8,12 +8,11 @@ import textwrap
 import gymnasium as gym
 import numpy as np
 import pytest
+from _scripts import run_python
 from gymnasium.wrappers import OrderEnforcing, PassiveEnvChecker
 
 import textenv_gym
 from textenv_gym import TextGenEnv, TextGenVectorEnv
-
-from _scripts import run_python
 
 
 def run_fresh(code: str) -> str:
@@ -82,8 +81,14 @@ def test_make_returns_the_wrapped_scalar_env():
 
 def test_make_kwargs_reach_the_constructor():
     env = gym.make(
-        "TextGen-v0", vocab_size=12, max_length=7, repetition_penalty=-0.25, repetition_window=4,
-        forbidden_tokens=[1, 3], forbidden_penalty=-2.0, render_mode="ansi",
+        "TextGen-v0",
+        vocab_size=12,
+        max_length=7,
+        repetition_penalty=-0.25,
+        repetition_window=4,
+        forbidden_tokens=[1, 3],
+        forbidden_penalty=-2.0,
+        render_mode="ansi",
     )
     config = env.unwrapped.config
     assert (config.vocab_size, config.max_length, config.repetition_window) == (12, 7, 4)
@@ -98,8 +103,9 @@ def test_make_kwargs_reach_the_constructor():
 
 
 def test_make_vec_vector_entry_point_returns_the_native_vector_env():
-    envs = gym.make_vec("TextGen-v0", num_envs=5, vectorization_mode="vector_entry_point", max_length=6,
-                        forbidden_tokens=[2])
+    envs = gym.make_vec(
+        "TextGen-v0", num_envs=5, vectorization_mode="vector_entry_point", max_length=6, forbidden_tokens=[2]
+    )
     assert type(envs) is TextGenVectorEnv
     assert envs.num_envs == 5
     assert envs.config.max_length == 6 and envs.config.forbidden_tokens == (2,)

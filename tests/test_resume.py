@@ -23,16 +23,24 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import CheckResult, VerifiedPPO, VerifiedRecurrentPPO
-from verl_sb3.checkpoints import TRAINING_STATE_ENTRY, CheckpointError, load_checkpoint, resume_checkpoint, save_checkpoint
+from verl_sb3.app.config import TrainConfig
+from verl_sb3.app.training import train
+from verl_sb3.checkpoints import (
+    TRAINING_STATE_ENTRY,
+    CheckpointError,
+    load_checkpoint,
+    resume_checkpoint,
+    save_checkpoint,
+)
 from verl_sb3.warmup import CriticWarmupCallback
-from verl_sb3.training import TrainConfig, train
 
 ENV = dict(vocab_size=8, max_length=6)
 N_ENVS, N_STEPS = 2, 12  # n_steps a multiple of max_length: every rollout ends at an episode boundary
 ROLLOUT = N_ENVS * N_STEPS
 N = 3  # updates before the interruption, and after it
-COMMON = dict(n_steps=N_STEPS, batch_size=24, n_epochs=2, learning_rate=3e-3, seed=0,
-              ent_coef=0.01, target_entropy=2.5)  # above ln 8: the entropy controller moves ent_coef at each update
+COMMON = dict(
+    n_steps=N_STEPS, batch_size=24, n_epochs=2, learning_rate=3e-3, seed=0, ent_coef=0.01, target_entropy=2.5
+)  # above ln 8: the entropy controller moves ent_coef at each update
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -41,18 +49,31 @@ class VetoFifth(VerifiedRecurrentPPO):
 
     def verify(self, ctx):
         results = super().verify(ctx)
-        results["veto_fifth"] = CheckResult(self._n_verified != 4, float(self._n_verified), 4.0, "fifth update vetoed")
+        n_verified = self.verification_report.n_verified
+        results["veto_fifth"] = CheckResult(n_verified != 4, float(n_verified), 4.0, "fifth update vetoed")
         return results
 
 
 SETTINGS = {
-    "recurrent": (VetoFifth, "SLMLstmPolicy", dict(COMMON, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8))),
+    "recurrent": (
+        VetoFifth,
+        "SLMLstmPolicy",
+        dict(COMMON, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8)),
+    ),
     "feed-forward": (VerifiedPPO, "MlpPolicy", dict(COMMON, policy_kwargs=dict(net_arch=[32]))),
     # an adaptive reference-KL coefficient and the reference's own LSTM state must resume too
-    "reference-kl": (VetoFifth, "SLMLstmPolicy", dict(
-        COMMON, policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8),
-        ref_kl_coef=0.1, ref_kl_target=0.01, ref_kl_horizon=100, ref_kl_estimator="k3",
-    )),
+    "reference-kl": (
+        VetoFifth,
+        "SLMLstmPolicy",
+        dict(
+            COMMON,
+            policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8),
+            ref_kl_coef=0.1,
+            ref_kl_target=0.01,
+            ref_kl_horizon=100,
+            ref_kl_estimator="k3",
+        ),
+    ),
 }
 
 
@@ -93,8 +114,12 @@ def assert_identical(resumed, uninterrupted) -> None:
     assert same_log(resumed.verification_log, uninterrupted.verification_log)
     assert resumed.ent_coef == uninterrupted.ent_coef
     assert resumed.kl_ctrl == uninterrupted.kl_ctrl  # None without reference-KL control
-    for counter in ("num_timesteps", "_n_updates", "_n_verified", "_n_accepted_first_try", "_n_rolled_back"):
+    for counter in ("num_timesteps", "_n_updates"):
         assert getattr(resumed, counter) == getattr(uninterrupted, counter), counter
+    for counter in ("n_verified", "n_accepted_first_try", "n_rolled_back", "n_undone"):
+        assert getattr(resumed.verification_report, counter) == getattr(uninterrupted.verification_report, counter), (
+            counter
+        )
 
 
 @pytest.fixture(scope="module", params=list(SETTINGS))
@@ -156,25 +181,42 @@ def test_resume_in_a_fresh_process(uninterrupted, tmp_path):
     """)
     path_entries = [str(REPO_ROOT), str(REPO_ROOT / "tests"), os.environ.get("PYTHONPATH")]
     environment = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, path_entries)))
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(REPO_ROOT),
-                            env=environment, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, cwd=str(REPO_ROOT), env=environment, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     assert_identical(load_checkpoint(final), model)
 
 
 def test_the_training_jobs_periodic_checkpoint_resumes_to_its_final_model(tmp_path):
-    tiny = dict(total_timesteps=2048, n_envs=8, n_steps=20, batch_size=80, eval_freq=1024, checkpoint_freq=1024,
-                eval_sequences=20, final_eval_sequences=20, progress_bar=False, target_entropy=3.8, critic_warmup=8,
-                output_dir=str(tmp_path))
+    tiny = dict(
+        total_timesteps=2048,
+        n_envs=8,
+        n_steps=20,
+        batch_size=80,
+        eval_freq=1024,
+        checkpoint_freq=1024,
+        eval_sequences=20,
+        final_eval_sequences=20,
+        progress_bar=False,
+        target_entropy=3.8,
+        critic_warmup=8,
+        output_dir=str(tmp_path),
+    )
     config = TrainConfig(**tiny)
     final = train(config)["model"]
     periodic = sorted((tmp_path / "model_checkpoints").glob("model_*_steps.zip"))
     assert periodic
-    resumed = resume_checkpoint(periodic[0], make_textgen_vec_env(config.n_envs, seed=config.seed, **config.textgen.as_kwargs()))
+    resumed = resume_checkpoint(
+        periodic[0], make_textgen_vec_env(config.n_envs, seed=config.seed, **config.textgen.as_kwargs())
+    )
     # the first checkpoint falls within the critic warm-up (8 updates of 160 steps): it goes on
     assert 0 < resumed.num_timesteps < config.critic_warmup * config.n_envs * config.n_steps
-    resumed.learn(config.total_timesteps - resumed.num_timesteps, reset_num_timesteps=False,
-                  callback=CriticWarmupCallback(config.critic_warmup))
+    resumed.learn(
+        config.total_timesteps - resumed.num_timesteps,
+        reset_num_timesteps=False,
+        callback=CriticWarmupCallback(config.critic_warmup),
+    )
     assert_identical(resumed, final)
     assert final.ent_coef > 0  # the controller moved
 

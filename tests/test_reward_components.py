@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 import torch
 
-import textenv_gym
 from textenv_gym import TextGenConfig, TextGenEnv, TextGenVectorEnv, TorchRewardModel
 from textenv_gym.sb3_vec_env import TextGenVecEnv, make_textgen_vec_env
 
@@ -73,12 +72,14 @@ def test_forbidden_weight_and_zero_weight_by_hand():
 
 
 def test_user_components_are_added_with_their_weights_by_hand():
-    env = TextGenEnv(vocab_size=5, reward_fns={"even": newest_is_even, "length": length_over_ten},
-                     reward_weights={"length": -2.0})
+    env = TextGenEnv(
+        vocab_size=5, reward_fns={"even": newest_is_even, "length": length_over_ten}, reward_weights={"length": -2.0}
+    )
     env.reset(options={"prompt": [1]})
     _, reward, _, _, info = env.step(4)  # [1, 4]: diversity 1, even 1, length 2 / 10 weighted -2
     assert info["reward_components"] == pytest.approx(
-        {"diversity": 1.0, "repetition": 0.0, "forbidden": 0.0, "even": 1.0, "length": -0.4})
+        {"diversity": 1.0, "repetition": 0.0, "forbidden": 0.0, "even": 1.0, "length": -0.4}
+    )
     assert list(info["reward_components"]) == ["diversity", "repetition", "forbidden", "even", "length"]
     assert reward == pytest.approx(1.0 + 1.0 - 0.4)
 
@@ -87,8 +88,12 @@ def test_default_weights_give_the_default_reward_bit_for_bit():
     rng = np.random.default_rng(0)
     actions = rng.integers(0, 4, size=40)
     plain = TextGenEnv(vocab_size=4, max_length=40, forbidden_tokens=[3])
-    ones = TextGenEnv(vocab_size=4, max_length=40, forbidden_tokens=[3],
-                      reward_weights={"diversity": 1.0, "repetition": 1, "forbidden": 1.0})
+    ones = TextGenEnv(
+        vocab_size=4,
+        max_length=40,
+        forbidden_tokens=[3],
+        reward_weights={"diversity": 1.0, "repetition": 1, "forbidden": 1.0},
+    )
     plain.reset(), ones.reset()
     for action in actions:
         a, b = plain.step(action), ones.step(action)
@@ -97,9 +102,14 @@ def test_default_weights_give_the_default_reward_bit_for_bit():
 
 
 def test_components_sum_exactly_to_the_reward():
-    env = TextGenEnv(vocab_size=3, max_length=30, forbidden_tokens=[0], repetition_penalty=-1 / 3,
-                     reward_fns={"even": newest_is_even, "length": length_over_ten},
-                     reward_weights={"diversity": 0.7, "forbidden": 1 / 3, "length": 0.1})
+    env = TextGenEnv(
+        vocab_size=3,
+        max_length=30,
+        forbidden_tokens=[0],
+        repetition_penalty=-1 / 3,
+        reward_fns={"even": newest_is_even, "length": length_over_ten},
+        reward_weights={"diversity": 0.7, "forbidden": 1 / 3, "length": 0.1},
+    )
     env.reset()
     for action in np.random.default_rng(1).integers(0, 3, size=30):
         _, reward, _, _, info = env.step(action)
@@ -143,9 +153,14 @@ def test_no_call_when_every_environment_autoresets():
 # The three environments pass user components through identically
 # --------------------------------------------------------------------------------------------
 
-KWARGS = dict(vocab_size=5, max_length=4, forbidden_tokens=[4], repetition_window=2,
-              reward_fns={"even": newest_is_even, "length": length_over_ten},
-              reward_weights={"even": 0.25, "repetition": 2.0})
+KWARGS = dict(
+    vocab_size=5,
+    max_length=4,
+    forbidden_tokens=[4],
+    repetition_window=2,
+    reward_fns={"even": newest_is_even, "length": length_over_ten},
+    reward_weights={"even": 0.25, "repetition": 2.0},
+)
 
 
 def test_gymnasium_vector_env_equals_scalar_envs_with_user_components():
@@ -248,8 +263,9 @@ def test_torch_reward_model_matches_a_hand_computation(keepdim):
 
 
 def test_torch_reward_model_in_an_environment_by_hand():
-    env = gym.make("TextGen-v0", vocab_size=6, reward_fns={"model": TorchRewardModel(TokenScore(6))},
-                   reward_weights={"model": 2.0})
+    env = gym.make(
+        "TextGen-v0", vocab_size=6, reward_fns={"model": TorchRewardModel(TokenScore(6))}, reward_weights={"model": 2.0}
+    )
     env.reset(options={"prompt": [3]})
     _, reward, _, _, info = env.step(4)  # [3, 4]: diversity 1, model score 0.3 + 0.4, weighted 2
     assert info["reward_components"]["model"] == pytest.approx(2.0 * 0.7)
@@ -266,7 +282,9 @@ def test_torch_reward_model_errors():
             return self.output(tokens)
 
     tokens, lengths = np.zeros((4, 3), dtype=np.int64), np.ones(4, dtype=np.int64)
-    with pytest.raises(ValueError, match=re.escape("TorchRewardModel(Wrong): the module returned shape (4, 2), expected (4,)")):
+    with pytest.raises(
+        ValueError, match=re.escape("TorchRewardModel(Wrong): the module returned shape (4, 2), expected (4,)")
+    ):
         TorchRewardModel(Wrong(lambda t: torch.zeros(len(t), 2)))(tokens, lengths)
     with pytest.raises(ValueError, match=re.escape("the module returned shape (3,), expected (4,)")):
         TorchRewardModel(Wrong(lambda t: torch.zeros(3)))(tokens, lengths)
@@ -292,12 +310,24 @@ def test_torch_is_not_imported_with_the_package():
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"reward_weights": {"divrsity": 2.0}},
-         "reward_weights: unknown components ['divrsity']; known components are ['diversity', 'repetition', 'forbidden']"),
-        ({"reward_weights": {"topic": 2.0}, "reward_fns": {"even": newest_is_even}},
-         "reward_weights: unknown components ['topic']; known components are ['diversity', 'repetition', 'forbidden', 'even']"),
-        ({"reward_weights": {"diversity": float("nan")}}, "reward_weights['diversity']: expected a finite number, got nan"),
-        ({"reward_weights": {"forbidden": float("inf")}}, "reward_weights['forbidden']: expected a finite number, got inf"),
+        (
+            {"reward_weights": {"divrsity": 2.0}},
+            "reward_weights: unknown components ['divrsity']; known components are ['diversity', 'repetition', "
+            "'forbidden']",
+        ),
+        (
+            {"reward_weights": {"topic": 2.0}, "reward_fns": {"even": newest_is_even}},
+            "reward_weights: unknown components ['topic']; known components are ['diversity', 'repetition', "
+            "'forbidden', 'even']",
+        ),
+        (
+            {"reward_weights": {"diversity": float("nan")}},
+            "reward_weights['diversity']: expected a finite number, got nan",
+        ),
+        (
+            {"reward_weights": {"forbidden": float("inf")}},
+            "reward_weights['forbidden']: expected a finite number, got inf",
+        ),
         ({"reward_weights": {"diversity": "2"}}, "reward_weights['diversity']: expected a finite number, got '2'"),
         ({"reward_weights": [("diversity", 2.0)]}, "reward_weights: expected a mapping of component name -> weight"),
         ({"reward_fns": {"diversity": newest_is_even}}, "reward_fns['diversity']: clashes with a built-in component"),
@@ -307,8 +337,11 @@ def test_torch_is_not_imported_with_the_package():
     ],
 )
 def test_bad_reward_arguments(kwargs, message):
-    for build in (lambda: TextGenEnv(**kwargs), lambda: gym.make_vec("TextGen-v0", 2, "vector_entry_point", **kwargs),
-                  lambda: make_textgen_vec_env(2, **kwargs)):
+    for build in (
+        lambda: TextGenEnv(**kwargs),
+        lambda: gym.make_vec("TextGen-v0", 2, "vector_entry_point", **kwargs),
+        lambda: make_textgen_vec_env(2, **kwargs),
+    ):
         with pytest.raises(ValueError, match=re.escape(message)):
             build()
 
@@ -319,9 +352,14 @@ def test_bad_reward_arguments(kwargs, message):
         (lambda tokens, lengths: np.zeros(3), "reward_fns['topic']: returned shape (3,), expected (4,)"),
         (lambda tokens, lengths: np.zeros((4, 1)), "reward_fns['topic']: returned shape (4, 1), expected (4,)"),
         (lambda tokens, lengths: 1.0, "reward_fns['topic']: returned shape (), expected (4,)"),
-        (lambda tokens, lengths: np.array([0.0, np.nan, 1.0, np.inf]),
-         "reward_fns['topic']: returned non-finite values [nan, inf], expected finite numbers"),
-        (lambda tokens, lengths: ["a"] * 4, "reward_fns['topic']: returned ['a', 'a', 'a', 'a'], expected numbers of shape (4,)"),
+        (
+            lambda tokens, lengths: np.array([0.0, np.nan, 1.0, np.inf]),
+            "reward_fns['topic']: returned non-finite values [nan, inf], expected finite numbers",
+        ),
+        (
+            lambda tokens, lengths: ["a"] * 4,
+            "reward_fns['topic']: returned ['a', 'a', 'a', 'a'], expected numbers of shape (4,)",
+        ),
     ],
 )
 def test_bad_user_component_outputs_name_the_component(fn, message):
@@ -344,10 +382,14 @@ def test_nan_from_the_scalar_env_names_the_component():
 
 
 def test_as_kwargs_round_trip_rebuilds_an_equal_reward():
-    config = TextGenConfig(vocab_size=5, max_length=6, reward_fns={"even": newest_is_even},
-                           reward_weights={"even": -0.5, "diversity": 3})
+    config = TextGenConfig(
+        vocab_size=5, max_length=6, reward_fns={"even": newest_is_even}, reward_weights={"even": -0.5, "diversity": 3}
+    )
     kwargs = config.as_kwargs()
-    assert kwargs["reward_fns"] == {"even": newest_is_even} and kwargs["reward_weights"] == {"even": -0.5, "diversity": 3.0}
+    assert kwargs["reward_fns"] == {"even": newest_is_even} and kwargs["reward_weights"] == {
+        "even": -0.5,
+        "diversity": 3.0,
+    }
     assert TextGenConfig(**kwargs) == config
     a, b = TextGenEnv(**config.as_kwargs()), TextGenEnv(**kwargs)
     a.reset(), b.reset()
@@ -370,7 +412,9 @@ def test_saved_model_keeps_its_user_components(tmp_path):
     from verl_sb3.checkpoints import load_checkpoint, save_checkpoint
     from verl_sb3.generation import textgen_config
 
-    config = TextGenConfig(vocab_size=5, max_length=3, reward_fns={"even": newest_is_even}, reward_weights={"even": 2.0})
+    config = TextGenConfig(
+        vocab_size=5, max_length=3, reward_fns={"even": newest_is_even}, reward_weights={"even": 2.0}
+    )
     model = PPO("MlpPolicy", make_textgen_vec_env(2, seed=0, **config.as_kwargs()), n_steps=4, batch_size=8)
     model.env_kwargs = config.as_kwargs()
     loaded = load_checkpoint(save_checkpoint(model, tmp_path / "model.zip"))

@@ -12,14 +12,23 @@ import pytest
 import torch
 import yaml
 
+from verl_sb3.app.config import TrainConfig
+from verl_sb3.app.dashboard import plot_dashboard
+from verl_sb3.app.recorder import TrainingRecorder
+from verl_sb3.app.training import build_model, train
 from verl_sb3.checkpoints import load_checkpoint
-from verl_sb3.dashboard import plot_dashboard
 from verl_sb3.evaluation import evaluate_model
-from verl_sb3.training import TrainConfig, TrainingRecorder, build_model, train
 
 TINY = dict(
-    total_timesteps=2048, n_envs=8, n_steps=20, batch_size=80, eval_freq=1024, checkpoint_freq=1024,
-    eval_sequences=20, final_eval_sequences=50, progress_bar=False,
+    total_timesteps=2048,
+    n_envs=8,
+    n_steps=20,
+    batch_size=80,
+    eval_freq=1024,
+    checkpoint_freq=1024,
+    eval_sequences=20,
+    final_eval_sequences=50,
+    progress_bar=False,
     ref_kl_coef=0.02,  # off by default; on here so that the CSV's reference-KL columns are tested
 )
 ROLLOUT = TINY["n_envs"] * TINY["n_steps"]
@@ -55,7 +64,14 @@ def png_size(path) -> tuple[int, int]:
 
 def test_outputs_exist(run):
     _, output, _ = run
-    for name in ("training_curves.png", "updates.csv", "evaluation.md", "evaluation.json", "config.yaml", "evaluations.json"):
+    for name in (
+        "training_curves.png",
+        "updates.csv",
+        "evaluation.md",
+        "evaluation.json",
+        "config.yaml",
+        "evaluations.json",
+    ):
         assert (output / name).is_file(), name
     checkpoints = output / "model_checkpoints"
     assert (checkpoints / "final_model.zip").is_file() and (checkpoints / "best_model.zip").is_file()
@@ -106,7 +122,11 @@ def test_learning_rate_decays_linearly_over_the_run(run):
     assert model.lr_schedule(0.0) == pytest.approx(config.learning_rate_final)
     # the optimizer ends the run near the final rate (SB3 sets it from the progress before each update)
     last = model.policy.optimizer.param_groups[0]["lr"]
-    assert config.learning_rate_final <= last < config.learning_rate_final + 0.1 * (config.learning_rate - config.learning_rate_final)
+    assert (
+        config.learning_rate_final
+        <= last
+        < config.learning_rate_final + 0.1 * (config.learning_rate - config.learning_rate_final)
+    )
     constant = build_model(TrainConfig(**{**TINY, "learning_rate_final": None}))
     assert constant.lr_schedule(0.0) == constant.lr_schedule(1.0) == config.learning_rate
 
@@ -125,7 +145,8 @@ def test_the_training_job_judges_each_update_on_the_next_rollout(run):
     config, _, result = run
     model = result["model"]
     assert model.max_reuse_rise == config.max_reuse_rise == 3.0
-    assert model._rollout_reuse is not None and 0.0 < model._rollout_reuse[0] < 1.0
+    measured = model.rollout_judgement.measured
+    assert measured is not None and 0.0 < measured[0] < 1.0
     # the critic warm-up's updates leave the policy unchanged: only the later ones are judged
     assert all("undone" in entry and "lr_scale" in entry for entry in model.verification_log)
     assert build_model(TrainConfig(**{**TINY, "max_reuse_rise": None})).max_reuse_rise is None
@@ -170,8 +191,9 @@ def test_same_seed_same_numbers(run, rerun):
     numbers = [c for c in columns if c != "wall_time"]
     assert [[r[c] for c in numbers] for r in rows] == [[r[c] for c in numbers] for r in rows_again]
     drop = ("train_seconds",)
-    assert {k: v for k, v in result["figures"].items() if k not in drop} == \
-        {k: v for k, v in result_again["figures"].items() if k not in drop}
+    assert {k: v for k, v in result["figures"].items() if k not in drop} == {
+        k: v for k, v in result_again["figures"].items() if k not in drop
+    }
     assert result["recorder"].episode_returns == result_again["recorder"].episode_returns
 
 
@@ -241,8 +263,17 @@ def test_config_from_yaml(tmp_path):
 def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
     path = plot_dashboard([], [], [], tmp_path / "empty.png")
     assert png_size(path) == (1430, 935)
-    updates = [dict(timesteps=10, loss=math.nan, value_loss=math.nan, policy_gradient_loss=math.nan,
-                    accepted=0, backtracks=0, rolled_back=1)]
+    updates = [
+        dict(
+            timesteps=10,
+            loss=math.nan,
+            value_loss=math.nan,
+            policy_gradient_loss=math.nan,
+            accepted=0,
+            backtracks=0,
+            rolled_back=1,
+        )
+    ]
     path = plot_dashboard([5, 10], [-3.0, -1.0], updates, tmp_path / "negative.png", optimum=0.0, random_baseline=-2.0)
     assert png_size(path) == (1430, 935)
 

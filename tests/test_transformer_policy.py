@@ -1,8 +1,6 @@
-"""Tests of verl_sb3.transformer_policy.SLMTransformerPolicy (a small causal transformer LM for PPO / VerifiedPPO)."""
+"""Tests of verl_sb3.policies.SLMTransformerPolicy (a small causal transformer LM for PPO / VerifiedPPO)."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
@@ -76,7 +74,7 @@ def test_logits_and_values_shapes_and_near_uniform_start():
     entropy = -(out.exp() * out).sum(dim=1)  # near-uniform: the heads start with gain 0.01
     assert (entropy > 0.99 * np.log(V)).all()
     actions, _ = policy.predict(np.stack(rows))
-    assert actions.shape == (3,) and ((0 <= actions) & (actions < V)).all()
+    assert actions.shape == (3,) and ((actions >= 0) & (actions < V)).all()
 
 
 def test_logits_equal_the_encoder_over_bos_and_the_real_tokens():
@@ -129,7 +127,7 @@ def test_shared_prefixes_are_exact_and_encode_only_maximal_sequences():
     tokens, lengths = lm.token_ids(th.as_tensor(np.stack(rows)))
     encoded, (slot, position) = lm.shared_prefixes(tokens, lengths)
     assert sorted(tuple(tokens[i][: lengths[i]].tolist()) for i in encoded) == sorted(tuple(e) for e in episodes)
-    for i, row in enumerate(rows):  # each sequence is a prefix of the row it is read from
+    for i in range(len(rows)):  # each sequence is a prefix of the row it is read from
         n = int(lengths[i])
         assert int(position[i]) == n
         assert th.equal(tokens[encoded[slot[i]], :n], tokens[i, :n])
@@ -183,7 +181,10 @@ def test_critics(critic):
     trains_actor = actor_grad is not None and bool(actor_grad.abs().sum() > 0)
     assert trains_actor == (critic == "shared")  # the value loss reaches the language model only when shared
     if critic == "transformer":
-        assert policy.mlp_extractor.critic_lm is not None and policy.mlp_extractor.critic_lm is not policy.mlp_extractor.actor
+        assert (
+            policy.mlp_extractor.critic_lm is not None
+            and policy.mlp_extractor.critic_lm is not policy.mlp_extractor.actor
+        )
 
 
 def test_bag_of_tokens_value_ignores_order():
@@ -240,8 +241,12 @@ def test_learns_on_textgen_at_default_size(algorithm):
     assert model.num_timesteps == 240 and len(model.ep_info_buffer) > 0
     after = model.policy.state_dict()
     assert all(th.isfinite(v.float()).all() for v in after.values())
-    for name in ("mlp_extractor.actor.embedding.weight", "mlp_extractor.actor.encoder.layers.1.linear2.weight",
-                 "action_net.proj.weight", "value_net.weight"):
+    for name in (
+        "mlp_extractor.actor.embedding.weight",
+        "mlp_extractor.actor.encoder.layers.1.linear2.weight",
+        "action_net.proj.weight",
+        "value_net.weight",
+    ):
         assert not th.equal(before[name], after[name]), f"{name} was not trained"
     if algorithm is VerifiedPPO:
         assert len(model.verification_log) == 3
@@ -255,9 +260,7 @@ def test_learns_at_a_large_vocabulary_and_length(algorithm):
     env = make_textgen_vec_env(2, seed=0, vocab_size=5000, max_length=128)
     model = algorithm(SLMTransformerPolicy, env, n_steps=128, batch_size=128, n_epochs=1, seed=0, device="cpu")
     assert (model.policy.vocab_size, model.policy.max_length) == (5000, 128)
-    start = time.perf_counter()
-    model.learn(2 * 256)
-    assert time.perf_counter() - start < 20
+    model.learn(2 * 256)  # how fast: benchmarks/large_vocab.py
     assert model.num_timesteps == 512 and len(model.ep_info_buffer) == 4
     assert all(th.isfinite(p).all() for p in model.policy.parameters())
 
@@ -266,7 +269,9 @@ def test_forward_at_128_envs_of_5000_tokens_and_length_128():
     vocab, length = 5000, 128
     policy = SLMTransformerPolicy(box_space(vocab, length), spaces.Discrete(vocab), lambda _: 3e-4).eval()
     rng = np.random.default_rng(0)
-    obs = th.as_tensor(np.stack([padded(rng.integers(0, vocab, n), length, vocab) for n in rng.integers(0, length, 128)]))
+    obs = th.as_tensor(
+        np.stack([padded(rng.integers(0, vocab, n), length, vocab) for n in rng.integers(0, length, 128)])
+    )
     with th.no_grad():
         actions, value, log_prob = policy(obs)
     assert actions.shape == (128,) and value.shape == (128, 1) and th.isfinite(log_prob).all()
@@ -275,8 +280,16 @@ def test_forward_at_128_envs_of_5000_tokens_and_length_128():
 @pytest.mark.parametrize("policy_kwargs", [dict(), dict(critic="transformer", tie_embeddings=False, **SMALL)])
 def test_save_load_round_trip_gives_identical_logits(policy_kwargs, tmp_path):
     env = make_textgen_vec_env(2, seed=0, vocab_size=V, max_length=L)
-    model = VerifiedPPO(SLMTransformerPolicy, env, n_steps=12, batch_size=12, n_epochs=1, seed=0, device="cpu",
-                        policy_kwargs=policy_kwargs)
+    model = VerifiedPPO(
+        SLMTransformerPolicy,
+        env,
+        n_steps=12,
+        batch_size=12,
+        n_epochs=1,
+        seed=0,
+        device="cpu",
+        policy_kwargs=policy_kwargs,
+    )
     model.learn(24)
     path = tmp_path / "model.zip"
     model.save(path)

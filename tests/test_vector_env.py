@@ -53,8 +53,9 @@ def scenarios(draw):
     num_steps = draw(st.integers(1, 3 * (max_length + 1) + 2))
     # a small vocabulary and repeated tokens make the repetition rule fire often
     action = st.integers(0, vocab_size - 1)
-    actions = draw(st.lists(st.lists(action, min_size=num_envs, max_size=num_envs),
-                            min_size=num_steps, max_size=num_steps))
+    actions = draw(
+        st.lists(st.lists(action, min_size=num_envs, max_size=num_envs), min_size=num_steps, max_size=num_steps)
+    )
     return kwargs, prompt, num_envs, np.array(actions, dtype=np.int64)
 
 
@@ -181,8 +182,16 @@ def test_prompt_persists_over_autoresets_until_an_explicit_reset():
     envs = TextGenVectorEnv(num_envs=2, max_length=3)
     obs, info = envs.reset(options={"prompt": [1]})
     assert obs.tolist() == [[1, 50, 50]] * 2
-    assert set(info) == {"length", "_length", "diversity", "_diversity", "repeated", "_repeated",
-                         "forbidden", "_forbidden"}
+    assert set(info) == {
+        "length",
+        "_length",
+        "diversity",
+        "_diversity",
+        "repeated",
+        "_repeated",
+        "forbidden",
+        "_forbidden",
+    }
     for _ in range(3):  # two steps to finish, one autoreset step; twice over
         envs.step(np.array([2, 2]))
         envs.step(np.array([3, 2]))
@@ -336,7 +345,7 @@ def test_ppo_trains_on_the_sb3_vec_env():
         assert episode["l"] == 20
         assert -30.0 <= episode["r"] <= 20.0 + 1e-4
     action, _ = model.predict(venv.reset(), deterministic=True)
-    assert action.shape == (8,) and ((0 <= action) & (action < 50)).all()
+    assert action.shape == (8,) and ((action >= 0) & (action < 50)).all()
 
 
 # --------------------------------------------------------------------------------------------

@@ -13,15 +13,21 @@ import torch as th
 from stable_baselines3 import PPO
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecNormalize
+from tensor_asserts import assert_same_tensors
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
-from verl_sb3 import CheckResult, VerifiedPPO, VerifiedRecurrentPPO
-from tensor_asserts import assert_same_tensors
+from verl_sb3 import CheckResult, ReuseMassJudge, VerifiedPPO, VerifiedRecurrentPPO
+from verl_sb3.rollout import policy_kind
+from verl_sb3.tokens import last_tokens, sequence_lengths
 
 PERMISSIVE = dict(kl_threshold=1e9, min_entropy=0.0, surrogate_tolerance=1e9, advantage_tolerance=1e9)
 SMALL_PPO = dict(n_steps=64, batch_size=64, n_epochs=2, learning_rate=3e-3, policy_kwargs=dict(net_arch=[32]), seed=0)
 SMALL_RECURRENT = dict(
-    n_steps=32, batch_size=64, n_epochs=2, learning_rate=3e-3, seed=0,
+    n_steps=32,
+    batch_size=64,
+    n_epochs=2,
+    learning_rate=3e-3,
+    seed=0,
     policy_kwargs=dict(net_arch=[], lstm_hidden_size=16, n_lstm_layers=1),
 )
 
@@ -74,7 +80,8 @@ def test_rollback_after_accepted_updates_restores_the_adam_state_of_the_last_acc
     class FailThird(probing(VerifiedPPO)):
         def verify(self, ctx):
             results = super().verify(ctx)
-            results["third_fails"] = CheckResult(self._n_verified != 2, float(self._n_verified), 2.0, "third update vetoed")
+            n_verified = self.verification_report.n_verified
+            results["third_fails"] = CheckResult(n_verified != 2, float(n_verified), 2.0, "third update vetoed")
             return results
 
     model = FailThird("MlpPolicy", "CartPole-v1", max_backtracks=1, **SMALL_PPO)
@@ -152,7 +159,12 @@ def test_user_check_and_subclass_check_veto_updates():
     entry = model.verification_log[0]
     assert entry["rolled_back"] and entry["backtracks"] == 1 and len(calls) == 2
     assert entry["checks"]["always_fails"] == {
-        "passed": False, "value": 1.0, "threshold": 0.0, "message": "vetoed by the user", "details": {}}
+        "passed": False,
+        "value": 1.0,
+        "threshold": 0.0,
+        "message": "vetoed by the user",
+        "details": {},
+    }
 
     def wrong_type(ctx):
         return True
@@ -182,23 +194,32 @@ def test_forbidden_tokens_default_to_the_environment_and_bound_the_mass():
     )
 
 
+def previous_tokens(observations, pad):
+    """The repeat-mass check's previous tokens: each row's last token, -1 for an empty sequence."""
+    tokens = observations.long()
+    return last_tokens(tokens, sequence_lengths(tokens, pad), empty=-1)
+
+
 def test_repeat_mass_is_measured_on_each_state_previous_token():
     model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), max_repeat_prob=0.2, **SMALL_RECURRENT)
     pad = model.action_space.n  # TextGen-v0 pads with the vocabulary size
-    observations = th.tensor([[pad] * 6, [3, pad, pad, pad, pad, pad], [3, 5, 7, 1, 0, 2], [4, 4, 6, pad, pad, pad]],
-                             dtype=th.float32)  # as older SB3 releases store Box observations
-    assert model._previous_tokens(observations).tolist() == [-1, 3, 2, 6]
+    observations = th.tensor(
+        [[pad] * 6, [3, pad, pad, pad, pad, pad], [3, 5, 7, 1, 0, 2], [4, 4, 6, pad, pad, pad]], dtype=th.float32
+    )  # as older SB3 releases store Box observations
+    assert previous_tokens(observations, pad).tolist() == [-1, 3, 2, 6]
     model.learn(64)
     check = model.verification_log[0]["checks"]["repeat_mass"]
-    assert check["threshold"] == 0.2 and check["value"] == pytest.approx(1 / 8, abs=0.05)  # near uniform after one update
+    assert check["threshold"] == 0.2 and check["value"] == pytest.approx(
+        1 / 8, abs=0.05
+    )  # near uniform after one update
     # each state's previous token is the action taken at the step before it (environment-major rows)
-    batch = model._rollout_batch()
-    ctx = model._update_context(batch, model._old_distribution(batch))
+    batch = policy_kind(model.policy).rollout_batch(model.rollout_buffer, model.device)
+    previous = previous_tokens(batch.observations, pad)
     actions, starts = batch.actions.long().flatten(), batch.episode_starts.bool()
     within = ~starts[1:] & (th.arange(1, len(starts)) % model.n_steps != 0)  # same episode, same environment
     assert bool(within.any())
-    assert th.equal(ctx.previous_tokens[1:][within], actions[:-1][within])
-    assert bool((ctx.previous_tokens[starts] == -1).all())  # TextGen-v0 episodes start empty
+    assert th.equal(previous[1:][within], actions[:-1][within])
+    assert bool((previous[starts] == -1).all())  # TextGen-v0 episodes start empty
     default = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), **SMALL_RECURRENT)
     default.learn(64)
     assert default.max_repeat_prob is None and "repeat_mass" not in default.verification_log[0]["checks"]
@@ -219,7 +240,9 @@ def test_the_repeat_check_refuses_observations_that_are_not_padded_token_ids():
         VerifiedPPO("MlpPolicy", WrongPadding(), max_repeat_prob=0.1, **SMALL_PPO)
     with pytest.raises(ValueError, match="max_repeat_prob: needs the token ids themselves; VecNormalize"):
         VerifiedRecurrentPPO("MlpLstmPolicy", VecNormalize(textgen()), max_repeat_prob=0.1, **SMALL_RECURRENT)
-    VerifiedRecurrentPPO("MlpLstmPolicy", VecNormalize(textgen(), norm_obs=False), max_repeat_prob=0.1, **SMALL_RECURRENT)
+    VerifiedRecurrentPPO(
+        "MlpLstmPolicy", VecNormalize(textgen(), norm_obs=False), max_repeat_prob=0.1, **SMALL_RECURRENT
+    )
 
 
 def test_verification_figures_reach_the_logger(tmp_path):
@@ -228,7 +251,9 @@ def test_verification_figures_reach_the_logger(tmp_path):
     model.learn(3 * 64, log_interval=1)
     with open(tmp_path / "progress.csv") as handle:
         rows = list(csv.DictReader(handle))
-    assert {"verl/kl", "verl/accepted", "verl/verification_rate", "verl/check_entropy", "train/approx_kl"} <= rows[-1].keys()
+    assert {"verl/kl", "verl/accepted", "verl/verification_rate", "verl/check_entropy", "train/approx_kl"} <= rows[
+        -1
+    ].keys()
     # SB3 dumps before each train(): the figures of update k appear in the dump of iteration k + 1.
     kls = [float(row["verl/kl"]) for row in rows if row["verl/kl"]]
     assert len(kls) == 2 and kls == pytest.approx([entry["kl"] for entry in model.verification_log[:2]])
@@ -251,7 +276,9 @@ def test_save_and_load_keep_settings_and_log(tmp_path):
     assert loaded.verification_rate == model.verification_rate == 0.0
     assert not any(isinstance(value, dict) and "optimizer" in value for value in vars(loaded).values())
     loaded.learn(64, reset_num_timesteps=False)
-    assert len(loaded.verification_log) == 3 and loaded.verification_log[-1]["reason"].endswith("subclass veto (threshold None)")
+    assert len(loaded.verification_log) == 3 and loaded.verification_log[-1]["reason"].endswith(
+        "subclass veto (threshold None)"
+    )
 
 
 @pytest.mark.parametrize(
@@ -280,6 +307,8 @@ def test_save_and_load_keep_settings_and_log(tmp_path):
         (dict(lr_shrink=0.0), "lr_shrink"),
         (dict(lr_recovery=0.9), "lr_recovery"),
         (dict(min_lr_scale=0.0), "min_lr_scale"),
+        (dict(judge=object()), "judge: expected an object with the RolloutJudge methods"),
+        (dict(judge=ReuseMassJudge(3.0), max_reuse_rise=3.0), "judge: give either"),
     ],
 )
 def test_invalid_settings_name_the_argument(kwargs, message):
@@ -287,11 +316,21 @@ def test_invalid_settings_name_the_argument(kwargs, message):
         VerifiedPPO("MlpPolicy", "CartPole-v1", **kwargs)
 
 
+def test_verification_needs_the_update_it_verifies():
+    from verl_sb3 import VerificationMixin
+
+    class Unverifiable(VerificationMixin, PPO):
+        pass
+
+    with pytest.raises(TypeError, match="PPOUpdateMixin"):
+        Unverifiable("MlpPolicy", "CartPole-v1")
+
+
 def test_max_log_entries_bounds_the_log_but_not_the_rate():
     model = VerifiedPPO("MlpPolicy", "CartPole-v1", max_log_entries=2, **SMALL_PPO)
     model.learn(4 * 64)
     assert [entry["update"] for entry in model.verification_log] == [2, 3]
-    assert model._n_verified == 4 and not math.isnan(model.verification_rate)
+    assert model.verification_report.n_verified == 4 and not math.isnan(model.verification_rate)
 
 
 def test_verified_ppo_learns_cartpole():
@@ -303,7 +342,9 @@ def test_verified_ppo_learns_cartpole():
 
 
 def test_entropy_controller_is_dual_ascent_on_accepted_updates():
-    model = VerifiedPPO("MlpPolicy", "CartPole-v1", ent_coef=0.0, target_entropy=5.0, entropy_coef_rate=0.1, **SMALL_PPO)
+    model = VerifiedPPO(
+        "MlpPolicy", "CartPole-v1", ent_coef=0.0, target_entropy=5.0, entropy_coef_rate=0.1, **SMALL_PPO
+    )
     model.learn(2 * 64)
     coefficient = 0.0
     for entry in model.verification_log:
@@ -311,7 +352,9 @@ def test_entropy_controller_is_dual_ascent_on_accepted_updates():
         coefficient = max(0.0, coefficient + 0.1 * (5.0 - entropy))
     assert model.ent_coef == pytest.approx(coefficient) and model.ent_coef > 0.8
 
-    above = VerifiedPPO("MlpPolicy", "CartPole-v1", ent_coef=0.05, target_entropy=0.0, entropy_coef_rate=0.1, **SMALL_PPO)
+    above = VerifiedPPO(
+        "MlpPolicy", "CartPole-v1", ent_coef=0.05, target_entropy=0.0, entropy_coef_rate=0.1, **SMALL_PPO
+    )
     above.learn(64)
     assert above.ent_coef == 0.0  # entropy above the target: the multiplier falls to its floor, 0
 
@@ -336,8 +379,12 @@ def test_target_entropy_needs_the_entropy_check():
     "cls, policy, make_env, kwargs",
     [
         (VerifiedPPO, "MlpPolicy", lambda: textgen(3), dict(SMALL_PPO, n_steps=16, batch_size=48)),
-        (VerifiedRecurrentPPO, "SLMLstmPolicy", lambda: textgen(3), dict(
-            SMALL_RECURRENT, n_steps=16, policy_kwargs=dict(lstm_hidden_size=16, embedding_dim=8))),
+        (
+            VerifiedRecurrentPPO,
+            "SLMLstmPolicy",
+            lambda: textgen(3),
+            dict(SMALL_RECURRENT, n_steps=16, policy_kwargs=dict(lstm_hidden_size=16, embedding_dim=8)),
+        ),
     ],
 )
 def test_old_distribution_recorded_during_collection_equals_a_fresh_forward_pass(cls, policy, make_env, kwargs):
@@ -347,11 +394,12 @@ def test_old_distribution_recorded_during_collection_equals_a_fresh_forward_pass
 
     class Compare(cls):
         def train(self):
-            batch = self._rollout_batch()
-            recorded = self._old_distribution(batch).distribution.logits
+            kind = policy_kind(self.policy)
+            batch = kind.rollout_batch(self.rollout_buffer, self.device)
+            recorded = self._old_distribution(kind, batch).distribution.logits
             self.policy.set_training_mode(False)
             with th.no_grad():
-                fresh = self._policy_on_batch(batch)[0].distribution.logits
+                fresh = kind.distribution(self.policy, batch)[0].distribution.logits
             assert recorded.shape == fresh.shape == (self.n_envs * self.n_steps, self.action_space.n)
             assert th.allclose(th.log_softmax(recorded, 1), th.log_softmax(fresh, 1), atol=1e-5)
             compared.append(True)
@@ -375,28 +423,38 @@ def test_non_finite_parameter_count_is_exact_even_when_a_sum_overflows():
 
 
 # ---------------------------------------------------------------------------- judged on the next rollout
-def scripted_reuse(values):
-    """A VerifiedRecurrentPPO whose rollouts measure the given reuse masses (mean, standard error)
-    in turn, and that records the state before each update and the rollouts it collected."""
+class ScriptedJudge(ReuseMassJudge):
+    """The reuse-mass judge, whose rollouts measure the given reuse masses (mean, standard error) in
+    turn; it keeps what the real measurement said."""
 
-    class Scripted(probing(VerifiedRecurrentPPO)):
-        def _measure_rollout_reuse(self):
-            self.measured.append(super()._measure_rollout_reuse())
-            return self.script.pop(0)
+    def __init__(self, values, max_rise=3.0):
+        super().__init__(max_rise)
+        object.__setattr__(self, "script", list(values))
+        object.__setattr__(self, "measured", [])
 
-        def train(self):
-            self.states_before.append(copy.deepcopy(self.policy.state_dict()))
-            super().train()
+    def measure(self, rollout):
+        self.measured.append(super().measure(rollout))
+        return self.script.pop(0)
 
-    Scripted.script, Scripted.measured, Scripted.states_before = list(values), [], []
-    return Scripted
+
+class Scripted(probing(VerifiedRecurrentPPO)):
+    """Records the state before each update."""
+
+    def train(self):
+        self.states_before = [*getattr(self, "states_before", []), copy.deepcopy(self.policy.state_dict())]
+        super().train()
+
+
+def scripted_reuse(values, **kwargs):
+    """A VerifiedRecurrentPPO judged by a :class:`ScriptedJudge` of ``values``, and the judge."""
+    judge = ScriptedJudge(values)
+    return Scripted("MlpLstmPolicy", textgen(), judge=judge, **kwargs, **SMALL_RECURRENT), judge
 
 
 def test_an_update_that_raises_the_reuse_mass_on_the_next_rollout_is_undone_and_the_rollout_collected_again():
     # rollout 1 trains update 0; rollout 2 shows the reuse mass up by 0.1 (7 standard errors):
     # update 0 is undone and rollout 3 collected instead, which trains update 1
-    model = scripted_reuse([(0.2, 0.01), (0.3, 0.01), (0.2, 0.01)])(
-        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)
+    model, judge = scripted_reuse([(0.2, 0.01), (0.3, 0.01), (0.2, 0.01)])
     rollout = model.n_steps * model.n_envs
     model.learn(3 * rollout)
     assert model.num_timesteps == 3 * rollout and len(model.verification_log) == 2  # three rollouts, two updates
@@ -408,12 +466,11 @@ def test_an_update_that_raises_the_reuse_mass_on_the_next_rollout_is_undone_and_
     assert first["lr_scale"] == 1.0 and second["lr_scale"] == 0.5  # the scale each update used
     assert model.lr_scale == pytest.approx(0.5 * 1.02)  # regrown after update 1
     assert model.policy.optimizer.param_groups[0]["lr"] == pytest.approx(3e-3 * 0.5)  # update 1's learning rate
-    assert len(model.measured) == 3 and model.script == []
+    assert len(judge.measured) == 3 and judge.script == []
 
 
 def test_a_rise_within_the_tolerance_keeps_the_update():
-    model = scripted_reuse([(0.2, 0.01), (0.22, 0.01), (0.2, 0.01)])(
-        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)  # +0.02 is 1.4 standard errors
+    model, _ = scripted_reuse([(0.2, 0.01), (0.22, 0.01), (0.2, 0.01)])  # +0.02 is 1.4 standard errors
     model.learn(3 * model.n_steps * model.n_envs)
     assert model.n_undone == 0 and len(model.verification_log) == 3 and model.lr_scale == 1.0
     assert not any(entry["undone"] for entry in model.verification_log)
@@ -421,24 +478,27 @@ def test_a_rise_within_the_tolerance_keeps_the_update():
 
 def test_the_learning_rate_scale_shrinks_to_its_floor_and_regrows():
     rise, base = (0.5, 0.01), (0.2, 0.01)
-    model = scripted_reuse([base, rise, base, rise, base])(
-        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, lr_shrink=0.25, min_lr_scale=0.1, lr_recovery=1.5, **SMALL_RECURRENT)
+    model, _ = scripted_reuse([base, rise, base, rise, base], lr_shrink=0.25, min_lr_scale=0.1, lr_recovery=1.5)
     model.learn(5 * model.n_steps * model.n_envs)  # update 0 undone, update 1 undone, update 2 kept
-    assert [entry["lr_scale"] for entry in model.verification_log] == pytest.approx([1.0, 0.25, 0.1])  # 0.375 * 0.25 < 0.1
+    assert [entry["lr_scale"] for entry in model.verification_log] == pytest.approx(
+        [1.0, 0.25, 0.1]
+    )  # 0.375 * 0.25 < 0.1
     assert [entry["undone"] for entry in model.verification_log] == [True, True, False]
     assert model.lr_scale == pytest.approx(0.15) and model.n_undone == 2
 
 
 def test_the_reuse_mass_is_the_policys_probability_of_tokens_already_in_its_sequences():
-    model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(num_envs=4), max_reuse_rise=3.0, **SMALL_RECURRENT)
+    # a rise of 1e9 standard errors never undoes: collect_rollouts only measures
+    model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(num_envs=4), max_reuse_rise=1e9, **SMALL_RECURRENT)
     model.learn(model.n_steps * model.n_envs)  # one rollout, one update
     callback = model._init_callback(None)
-    model._collect_recording_logits(model.env, callback, model.rollout_buffer, model.n_steps)  # a fresh rollout
-    mean, se = model._measure_rollout_reuse()
-    batch = model._rollout_batch()
+    model.collect_rollouts(model.env, callback, model.rollout_buffer, model.n_steps)  # a fresh rollout
+    mean, se = model.rollout_judgement.measured
+    kind = policy_kind(model.policy)
+    batch = kind.rollout_batch(model.rollout_buffer, model.device)
     model.policy.set_training_mode(False)
     with th.no_grad():
-        distribution = model._policy_on_batch(batch)[0]
+        distribution = kind.distribution(model.policy, batch)[0]
     probs = distribution.distribution.probs
     tokens = batch.observations.long()
     expected = []
@@ -452,11 +512,11 @@ def test_the_reuse_mass_is_the_policys_probability_of_tokens_already_in_its_sequ
 
 
 def test_the_training_csv_and_dashboard_count_the_undone_updates(tmp_path):
-    from verl_sb3.dashboard import plot_dashboard
-    from verl_sb3.training import TrainConfig, TrainingRecorder
+    from verl_sb3.app.config import TrainConfig
+    from verl_sb3.app.dashboard import plot_dashboard
+    from verl_sb3.app.recorder import TrainingRecorder
 
-    model = scripted_reuse([(0.2, 0.01), (0.3, 0.01), (0.2, 0.01), (0.2, 0.01)])(
-        "MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)
+    model, _ = scripted_reuse([(0.2, 0.01), (0.3, 0.01), (0.2, 0.01), (0.2, 0.01)])
     rollout = model.n_steps * model.n_envs
     recorder = TrainingRecorder(TrainConfig(eval_freq=10**9, checkpoint_freq=10**9), tmp_path)
     model.learn(4 * rollout, callback=recorder)  # update 0 undone during the second rollout
@@ -465,7 +525,9 @@ def test_the_training_csv_and_dashboard_count_the_undone_updates(tmp_path):
     assert [int(row["update"]) for row in rows] == [0, 1, 2]
     assert [int(row["n_undone"]) for row in rows] == [0, 1, 1]  # counted from the row after the undone update
     assert [int(row["timesteps"]) for row in rows] == [rollout, 3 * rollout, 4 * rollout]
-    path = plot_dashboard(recorder.episode_timesteps, recorder.episode_returns, recorder.updates, tmp_path / "dashboard.png")
+    path = plot_dashboard(
+        recorder.episode_timesteps, recorder.episode_returns, recorder.updates, tmp_path / "dashboard.png"
+    )
     assert path.stat().st_size > 10_000
 
 
@@ -477,10 +539,11 @@ def test_judgement_needs_two_environments():
 def test_an_update_awaiting_judgement_survives_save_and_load(tmp_path):
     model = VerifiedRecurrentPPO("MlpLstmPolicy", textgen(), max_reuse_rise=3.0, **SMALL_RECURRENT)
     model.learn(model.n_steps * model.n_envs)
-    pending = model._pending_judgement
+    pending = model.rollout_judgement.pending
     assert pending is not None and pending.update == 0
     model.lr_scale = 0.5
     model.save(tmp_path / "model.zip")
     loaded = VerifiedRecurrentPPO.load(tmp_path / "model.zip", env=textgen())
-    assert loaded.lr_scale == 0.5 and loaded._pending_judgement.reuse_before == pending.reuse_before
-    assert_same_tensors(loaded._pending_judgement.snapshot.policy, pending.snapshot.policy)
+    assert loaded.lr_scale == 0.5 and loaded.rollout_judgement.pending.measured == pending.measured
+    assert_same_tensors(loaded.rollout_judgement.pending.before.policy, pending.before.policy)
+    assert_same_tensors(loaded.rollout_judgement.pending.before.optimizer, pending.before.optimizer)

@@ -28,8 +28,16 @@ def split(policy) -> tuple[list[th.nn.Parameter], list[th.nn.Parameter]]:
 
 def slm_model(critic_lstm: bool = False) -> VerifiedRecurrentPPO:
     env = make_textgen_vec_env(4, seed=0, vocab_size=8, max_length=6)
-    return VerifiedRecurrentPPO("SLMLstmPolicy", env, n_steps=6, batch_size=24, n_epochs=2, learning_rate=3e-3,
-                                seed=0, policy_kwargs=dict(enable_critic_lstm=critic_lstm))
+    return VerifiedRecurrentPPO(
+        "SLMLstmPolicy",
+        env,
+        n_steps=6,
+        batch_size=24,
+        n_epochs=2,
+        learning_rate=3e-3,
+        seed=0,
+        policy_kwargs=dict(enable_critic_lstm=critic_lstm),
+    )
 
 
 @pytest.mark.parametrize("critic_lstm", [False, True])
@@ -63,11 +71,23 @@ def test_zero_updates_is_no_warmup():
 
 
 def test_ppo_mlp_policy_on_cartpole():
-    model = VerifiedPPO("MlpPolicy", gym.make("CartPole-v1"), n_steps=64, batch_size=64, n_epochs=2, seed=0,
-                        policy_kwargs=dict(net_arch=[16]))
+    model = VerifiedPPO(
+        "MlpPolicy",
+        gym.make("CartPole-v1"),
+        n_steps=64,
+        batch_size=64,
+        n_epochs=2,
+        seed=0,
+        policy_kwargs=dict(net_arch=[16]),
+    )
     actor, critic = split(model.policy)
     names = {n for n, p in model.policy.named_parameters() if any(p is c for c in critic)}
-    assert names == {"mlp_extractor.value_net.0.weight", "mlp_extractor.value_net.0.bias", "value_net.weight", "value_net.bias"}
+    assert names == {
+        "mlp_extractor.value_net.0.weight",
+        "mlp_extractor.value_net.0.bias",
+        "value_net.weight",
+        "value_net.bias",
+    }
     actor_before, critic_before = snapshot(actor), snapshot(critic)
     model.learn(64, callback=CriticWarmupCallback(1))
     assert not any(changed(actor_before, actor)) and all(changed(critic_before, critic))
@@ -75,7 +95,9 @@ def test_ppo_mlp_policy_on_cartpole():
 
 def test_a_separate_critic_features_extractor_is_the_critics():
     shared = PPO("MlpPolicy", gym.make("CartPole-v1"), policy_kwargs=dict(net_arch=[8], share_features_extractor=True))
-    separate = PPO("MlpPolicy", gym.make("CartPole-v1"), policy_kwargs=dict(net_arch=[8], share_features_extractor=False))
+    separate = PPO(
+        "MlpPolicy", gym.make("CartPole-v1"), policy_kwargs=dict(net_arch=[8], share_features_extractor=False)
+    )
     extractor = th.nn.Linear(1, 1)  # FlattenExtractor has no parameters: give the critic's one some
     separate.policy.vf_features_extractor.add_module("probe", extractor)
     shared.policy.features_extractor.add_module("probe", th.nn.Linear(1, 1))

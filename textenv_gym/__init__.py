@@ -22,7 +22,7 @@ __all__ = [
     "TorchRewardModel",
     "reward_components",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 if "TextGen-v0" not in registry:
     register(

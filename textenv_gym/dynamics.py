@@ -54,9 +54,7 @@ def _token_ids(name: str, values: Any, vocab_size: int) -> np.ndarray:
         raise ValueError(f"{name}: expected integer token ids, got {values!r}")
     out_of_range = array[(array < 0) | (array >= vocab_size)]
     if out_of_range.size:
-        raise ValueError(
-            f"{name}: token ids must lie in [0, {vocab_size - 1}], got {out_of_range.tolist()}"
-        )
+        raise ValueError(f"{name}: token ids must lie in [0, {vocab_size - 1}], got {out_of_range.tolist()}")
     return array.astype(np.int64)
 
 
@@ -75,7 +73,9 @@ def _reward_fns(reward_fns: Any) -> dict[str, RewardFunction] | None:
                 f"{list(BUILTIN_COMPONENTS)} (weigh them with reward_weights instead)"
             )
         if not callable(fn):
-            raise ValueError(f"reward_fns[{name!r}]: expected a callable fn(tokens, lengths) -> array of shape (N,), got {fn!r}")
+            raise ValueError(
+                f"reward_fns[{name!r}]: expected a callable fn(tokens, lengths) -> array of shape (N,), got {fn!r}"
+            )
     return dict(reward_fns) or None
 
 
@@ -88,7 +88,9 @@ def _reward_weights(reward_weights: Any, known: Sequence[str]) -> dict[str, floa
     unknown = [name for name in reward_weights if name not in known]
     if unknown:
         raise ValueError(f"reward_weights: unknown components {unknown}; known components are {list(known)}")
-    return {name: _require_finite(f"reward_weights[{name!r}]", weight) for name, weight in reward_weights.items()} or None
+    return {
+        name: _require_finite(f"reward_weights[{name!r}]", weight) for name, weight in reward_weights.items()
+    } or None
 
 
 @dataclass(frozen=True)
@@ -174,7 +176,9 @@ class TextGenConfig:
         """A prompt (text, token ids or None) as token ids, checked to leave room for one action."""
         if prompt is None:
             return np.zeros(0, dtype=np.int64)
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt, self.vocab_size)
+        ids = (
+            self.tokenizer.encode(prompt) if isinstance(prompt, str) else _token_ids("prompt", prompt, self.vocab_size)
+        )
         if len(ids) > self.max_length - 1:
             raise ValueError(
                 f"prompt: has {len(ids)} tokens but at most max_length - 1 = {self.max_length - 1} "
@@ -331,7 +335,9 @@ def validate_actions(actions: Any, num_envs: int, vocab_size: int) -> np.ndarray
     if array.dtype.kind == "f":
         integral = np.isfinite(array) & (array == np.round(array))
         if not integral.all():
-            raise ValueError(f"actions: expected integral token ids, got non-integral floats {array[~integral].tolist()}")
+            raise ValueError(
+                f"actions: expected integral token ids, got non-integral floats {array[~integral].tolist()}"
+            )
     elif array.dtype.kind not in "iu":
         raise ValueError(f"actions: expected integer token ids, got dtype {array.dtype}")
     bad = (array < 0) | (array >= vocab_size)

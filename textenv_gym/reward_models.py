@@ -38,7 +38,9 @@ class TorchRewardModel:
         try:
             self.device = torch.device(device)
         except (RuntimeError, TypeError) as error:
-            raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({error})") from None
+            raise ValueError(
+                f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({error})"
+            ) from None
         self.module = module.to(self.device)
 
     def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -57,7 +59,8 @@ class TorchRewardModel:
         name = type(self.module).__name__
         if not isinstance(scores, torch.Tensor):
             raise ValueError(
-                f"TorchRewardModel({name}): the module returned {type(scores).__name__}, expected a tensor of shape {expected}"
+                f"TorchRewardModel({name}): the module returned {type(scores).__name__}, expected a tensor of "
+                f"shape {expected}"
             )
         if tuple(scores.shape) not in (expected, (*expected, 1)):
             raise ValueError(

@@ -60,12 +60,14 @@ class TextGenVecEnv(VecEnv):
                 info["reward_components"] = {name: values[index] for name, values in components.items()}
         if done.any():
             for index in np.flatnonzero(done):
-                infos[index].update({
-                    "terminal_observation": self.sequences.tokens[index].copy(),
-                    "length": int(self.sequences.lengths[index]),
-                    "diversity": float(outcome.diversity[index]),
-                    "TimeLimit.truncated": False,
-                })
+                infos[index].update(
+                    {
+                        "terminal_observation": self.sequences.tokens[index].copy(),
+                        "length": int(self.sequences.lengths[index]),
+                        "diversity": float(outcome.diversity[index]),
+                        "TimeLimit.truncated": False,
+                    }
+                )
             self.sequences.reset(done)
         return self.sequences.tokens.copy(), outcome.reward.astype(np.float32), done.copy(), infos
 

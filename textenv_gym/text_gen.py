@@ -118,8 +118,15 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
-            vocab_size, max_length, repetition_penalty, repetition_window,
-            forbidden_tokens, forbidden_penalty, vocabulary, reward_weights, reward_fns,
+            vocab_size,
+            max_length,
+            repetition_penalty,
+            repetition_window,
+            forbidden_tokens,
+            forbidden_penalty,
+            vocabulary,
+            reward_weights,
+            reward_fns,
         )
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(self.config.vocab_size)

@@ -15,7 +15,12 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from textenv_gym.dynamics import (
-    DEFAULT_MAX_LENGTH, RewardFunction, SequenceBatch, StepOutcome, TextGenConfig, validate_actions,
+    DEFAULT_MAX_LENGTH,
+    RewardFunction,
+    SequenceBatch,
+    StepOutcome,
+    TextGenConfig,
+    validate_actions,
 )
 from textenv_gym.text_gen import check_render_mode, observation_space_for
 
@@ -98,8 +103,15 @@ class TextGenVectorEnv(VectorEnv):
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
-            vocab_size, max_length, repetition_penalty, repetition_window,
-            forbidden_tokens, forbidden_penalty, vocabulary, reward_weights, reward_fns,
+            vocab_size,
+            max_length,
+            repetition_penalty,
+            repetition_window,
+            forbidden_tokens,
+            forbidden_penalty,
+            vocabulary,
+            reward_weights,
+            reward_fns,
         )
         self.sequences = SequenceBatch(self.config, num_envs)
         self.num_envs = self.sequences.num_sequences

@@ -1,9 +1,11 @@
-"""verl_sb3: verified PPO (Stable-Baselines3) for small language models on TextGen-v0."""
+"""verl_sb3: verified PPO (Stable-Baselines3) for small language models."""
 
-from verl_sb3.checks import CheckResult, UpdateContext
+from verl_sb3.entropy import EntropyController, TargetEntropyCallback
 from verl_sb3.kl_control import AdaptiveKLController, FixedKLController
+from verl_sb3.policies import SLMLstmPolicy, SLMTransformerPolicy
+from verl_sb3.ppo_update import PPOUpdateMixin
 from verl_sb3.reference import ReferenceKLMixin
-from verl_sb3.transformer_policy import SLMTransformerPolicy
+from verl_sb3.verification import CheckResult, ReuseMassJudge, RolloutJudge, UpdateContext, VerificationConfig
 from verl_sb3.verified import VerificationMixin, VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.warmup import CriticWarmupCallback
 
@@ -11,12 +13,19 @@ __all__ = [
     "AdaptiveKLController",
     "CheckResult",
     "CriticWarmupCallback",
+    "EntropyController",
     "FixedKLController",
+    "PPOUpdateMixin",
     "ReferenceKLMixin",
+    "ReuseMassJudge",
+    "RolloutJudge",
+    "SLMLstmPolicy",
     "SLMTransformerPolicy",
+    "TargetEntropyCallback",
     "UpdateContext",
+    "VerificationConfig",
     "VerificationMixin",
     "VerifiedPPO",
     "VerifiedRecurrentPPO",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -50,11 +50,16 @@ def save_checkpoint(model: BaseAlgorithm, path: str | Path, training_state: bool
     buffer = io.BytesIO()
     model.save(buffer)
     with zipfile.ZipFile(buffer, mode="a") as archive:
-        archive.writestr(METADATA_ENTRY, json.dumps({
-            "algorithm": _class_name(type(model)),
-            # Importable fallbacks when the class itself is not (e.g. defined in a script's __main__).
-            "bases": [_class_name(c) for c in type(model).__mro__[1:] if issubclass(c, BaseAlgorithm)],
-        }))
+        archive.writestr(
+            METADATA_ENTRY,
+            json.dumps(
+                {
+                    "algorithm": _class_name(type(model)),
+                    # Importable fallbacks when the class itself is not (e.g. defined in a script's __main__).
+                    "bases": [_class_name(c) for c in type(model).__mro__[1:] if issubclass(c, BaseAlgorithm)],
+                }
+            ),
+        )
         if training_state:
             archive.writestr(TRAINING_STATE_ENTRY, _training_state_bytes(model))
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -111,7 +116,11 @@ def _algorithm_class(path: Path) -> type[BaseAlgorithm]:
 
 
 def load_checkpoint(
-    path: str | Path, env: Any = None, cls: type[BaseAlgorithm] | None = None, restore_training_state: bool = True, **kwargs: Any
+    path: str | Path,
+    env: Any = None,
+    cls: type[BaseAlgorithm] | None = None,
+    restore_training_state: bool = True,
+    **kwargs: Any,
 ) -> BaseAlgorithm:
     """Load a checkpoint written by :func:`save_checkpoint` (or SB3's ``save``).
 
@@ -134,7 +143,9 @@ def load_checkpoint(
             # A truncated checkpoint can still end with a zip directory: that of a torch file (itself a
             # zip) stored inside it. Its entries then do not start at the beginning of the file.
             if not archive.infolist() or min(info.header_offset for info in archive.infolist()) != 0:
-                raise CheckpointError(f"checkpoint {str(path)!r}: not a complete zip archive (truncated or corrupt file)")
+                raise CheckpointError(
+                    f"checkpoint {str(path)!r}: not a complete zip archive (truncated or corrupt file)"
+                )
             damaged = archive.testzip()
             if damaged is not None:
                 raise CheckpointError(f"checkpoint {str(path)!r}: entry {damaged!r} is corrupt")
@@ -149,10 +160,14 @@ def load_checkpoint(
     except CheckpointError:
         raise
     except Exception as error:  # zipfile, json, pickle and torch each raise their own kind
-        raise CheckpointError(f"checkpoint {str(path)!r}: cannot be loaded ({type(error).__name__}: {error})") from error
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: cannot be loaded ({type(error).__name__}: {error})"
+        ) from error
 
 
-def resume_checkpoint(path: str | Path, env: Any, cls: type[BaseAlgorithm] | None = None, exact: bool = True, **kwargs: Any) -> BaseAlgorithm:
+def resume_checkpoint(
+    path: str | Path, env: Any, cls: type[BaseAlgorithm] | None = None, exact: bool = True, **kwargs: Any
+) -> BaseAlgorithm:
     """Load a checkpoint to train on, as if training had not stopped.
 
     Then ``model.learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False)``, with the
@@ -191,8 +206,10 @@ def resume_checkpoint(path: str | Path, env: Any, cls: type[BaseAlgorithm] | Non
     if starts is not None or saved_obs is not None:  # else saved before any training: a fresh start, as the run's own
         mid_episode = len(starts) - int(np.sum(starts)) if starts is not None else model.env.num_envs
         if mid_episode:
-            problems.append(f"{mid_episode} of {model.env.num_envs} environments were mid-episode when it was saved, "
-                            "and the environments' state is not saved")
+            problems.append(
+                f"{mid_episode} of {model.env.num_envs} environments were mid-episode when it was saved, "
+                "and the environments' state is not saved"
+            )
         elif not _same_observation(observation, saved_obs):
             problems.append("the environment starts its episodes differently from the checkpointed one")
     if problems:
@@ -207,8 +224,12 @@ def resume_checkpoint(path: str | Path, env: Any, cls: type[BaseAlgorithm] | Non
 
 def _same_observation(a: Any, b: Any) -> bool:
     if isinstance(a, dict) or isinstance(b, dict):
-        return isinstance(a, dict) and isinstance(b, dict) and a.keys() == b.keys() and all(
-            np.array_equal(a[k], b[k]) for k in a)
+        return (
+            isinstance(a, dict)
+            and isinstance(b, dict)
+            and a.keys() == b.keys()
+            and all(np.array_equal(a[k], b[k]) for k in a)
+        )
     return a is not None and b is not None and np.array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -237,7 +258,12 @@ def _training_state_bytes(model: BaseAlgorithm) -> bytes:
     meta = {
         "format": 1,
         "python_random": {"version": version, "gauss_next": gauss_next},
-        "numpy_random": {"name": name, "pos": int(position), "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+        "numpy_random": {
+            "name": name,
+            "pos": int(position),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached_gaussian),
+        },
         "action_space_random": None if space_rng is None else space_rng.bit_generator.state,
         "last_lstm_states": len(leaves) if lstm_states is not None else None,
     }
@@ -263,7 +289,9 @@ def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> No
     python = meta["python_random"]
     random.setstate((python["version"], tuple(int(x) for x in arrays["python_random"]), python["gauss_next"]))
     legacy = meta["numpy_random"]
-    np.random.set_state((legacy["name"], arrays["numpy_random"], legacy["pos"], legacy["has_gauss"], legacy["cached_gaussian"]))
+    np.random.set_state(
+        (legacy["name"], arrays["numpy_random"], legacy["pos"], legacy["has_gauss"], legacy["cached_gaussian"])
+    )
     th.set_rng_state(th.from_numpy(arrays["torch_random"].copy()))
     space_state = meta["action_space_random"]
     if space_state is not None and model.action_space is not None:

@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import math
-
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch as th
-from sb3_contrib.common.recurrent.policies import RecurrentActorCriticPolicy
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from textenv_gym.dynamics import SequenceBatch, TextGenConfig
+from verl_sb3._validation import is_integer, require_int
+from verl_sb3.rollout import policy_kind
 
 
 @dataclass
@@ -46,7 +46,9 @@ def textgen_config(model: BaseAlgorithm, **overrides: Any) -> TextGenConfig:
     return config
 
 
-def _start(config: TextGenConfig, num_sequences: int, prompt: str | list[int] | None) -> tuple[SequenceBatch, list[int], int]:
+def _start(
+    config: TextGenConfig, num_sequences: int, prompt: str | list[int] | None
+) -> tuple[SequenceBatch, list[int], int]:
     """``num_sequences`` sequences reset to ``prompt``, the prompt's ids, and the room left after it."""
     sequences = SequenceBatch(config, num_sequences)
     sequences.set_prompt(prompt)
@@ -56,13 +58,14 @@ def _start(config: TextGenConfig, num_sequences: int, prompt: str | list[int] | 
 
 
 def _check_generation_args(num_sequences: int, temperature: float, seed: int | None) -> None:
-    if isinstance(num_sequences, bool) or not isinstance(num_sequences, (int, np.integer)) or num_sequences < 1:
-        raise ValueError(f"num_sequences: expected an integer >= 1, got {num_sequences!r}")
-    if (isinstance(temperature, (bool, np.bool_)) or not isinstance(temperature, (int, float, np.integer, np.floating))
-            or not np.isfinite(temperature) or temperature <= 0):
+    require_int("num_sequences", num_sequences, 1)
+    finite = not isinstance(temperature, (bool, np.bool_)) and isinstance(
+        temperature, (int, float, np.integer, np.floating)
+    )
+    if not finite or not np.isfinite(temperature) or temperature <= 0:
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    if seed is not None and (isinstance(seed, (bool, np.bool_)) or not isinstance(seed, (int, np.integer)) or seed < 0):
-        raise ValueError(f"seed: expected None or an integer >= 0, got {seed!r}")
+    if seed is not None:
+        require_int("seed", seed, 0)
 
 
 class _PolicyStepper:
@@ -70,7 +73,7 @@ class _PolicyStepper:
 
     def __init__(self, model: BaseAlgorithm, num_sequences: int) -> None:
         self.policy = model.policy
-        self.recurrent = isinstance(self.policy, RecurrentActorCriticPolicy)
+        self.recurrent = policy_kind(self.policy).recurrent
         if self.recurrent:
             lstm = self.policy.lstm_actor
             shape = (lstm.num_layers, num_sequences, lstm.hidden_size)
@@ -112,7 +115,7 @@ def generate(
     config = textgen_config(model)
     sequences, prompt_ids, room = _start(config, num_sequences, prompt)
     length = room if length is None else length
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 1 <= length <= room:
+    if not is_integer(length) or not 1 <= length <= room:
         raise ValueError(
             f"length: expected an integer in [1, {room}] (max_length {config.max_length} minus the prompt's "
             f"{len(prompt_ids)} tokens), got {length!r}"
@@ -158,8 +161,7 @@ def optimal_return(config: TextGenConfig, prompt: str | list[int] | None = None,
     """
     sequences, prompt_ids, room = _start(config, 1, prompt)
     length = room if length is None else length
-    if isinstance(length, bool) or not isinstance(length, (int, np.integer)) or not 0 <= length <= room:
-        raise ValueError(f"length: expected an integer in [0, {room}], got {length!r}")
+    length = require_int("length", length, 0, room)
     if config.reward_fns:
         return math.nan
     weights = config.reward_weights or {}
@@ -172,30 +174,47 @@ def optimal_return(config: TextGenConfig, prompt: str | list[int] | None = None,
     used = set(prompt_ids)
     last_forbidden = bool(forbidden[prompt_ids[-1]]) if prompt_ids else False
     # state: (distinct allowed used, distinct forbidden used, last token forbidden, trailing run capped at window)
-    start = (sum(1 for t in used if not forbidden[t]), sum(1 for t in used if forbidden[t]), last_forbidden,
-             min(int(sequences.run_length[0]), window))
+    start = (
+        sum(1 for t in used if not forbidden[t]),
+        sum(1 for t in used if forbidden[t]),
+        last_forbidden,
+        min(int(sequences.run_length[0]), window),
+    )
     best = {start: 0.0}
     for size in range(len(prompt_ids) + 1, len(prompt_ids) + length + 1):  # size: tokens after this step
         following: dict[tuple[int, int, bool, int], float] = {}
-
-        def offer(state: tuple[int, int, bool, int], value: float) -> None:
-            if value > following.get(state, -np.inf):
-                following[state] = value
-
         for (allowed_used, forbidden_used, last_is_forbidden, run), total in best.items():
             distinct = allowed_used + forbidden_used
             if allowed_used < n_allowed:  # a new allowed token
-                offer((allowed_used + 1, forbidden_used, False, 1), total + diversity_weight * (distinct + 1) / size)
+                _offer(
+                    following,
+                    (allowed_used + 1, forbidden_used, False, 1),
+                    total + diversity_weight * (distinct + 1) / size,
+                )
             if forbidden_used < n_forbidden:  # a new forbidden token
-                offer((allowed_used, forbidden_used + 1, True, 1), total + diversity_weight * (distinct + 1) / size + forbidden_penalty)
+                _offer(
+                    following,
+                    (allowed_used, forbidden_used + 1, True, 1),
+                    total + diversity_weight * (distinct + 1) / size + forbidden_penalty,
+                )
             if run > 0:  # the last token again
                 repeat = min(run + 1, window)
                 reward = diversity_weight * distinct / size + (repetition_penalty if repeat >= window else 0.0)
                 reward += forbidden_penalty if last_is_forbidden else 0.0
-                offer((allowed_used, forbidden_used, last_is_forbidden, repeat), total + reward)
+                _offer(following, (allowed_used, forbidden_used, last_is_forbidden, repeat), total + reward)
             if allowed_used - (run > 0 and not last_is_forbidden) > 0:  # another used allowed token
-                offer((allowed_used, forbidden_used, False, 1), total + diversity_weight * distinct / size)
+                _offer(following, (allowed_used, forbidden_used, False, 1), total + diversity_weight * distinct / size)
             if forbidden_used - (run > 0 and last_is_forbidden) > 0:  # another used forbidden token
-                offer((allowed_used, forbidden_used, True, 1), total + diversity_weight * distinct / size + forbidden_penalty)
+                _offer(
+                    following,
+                    (allowed_used, forbidden_used, True, 1),
+                    total + diversity_weight * distinct / size + forbidden_penalty,
+                )
         best = following
     return float(max(best.values()))
+
+
+def _offer(best: dict[tuple[int, int, bool, int], float], state: tuple[int, int, bool, int], value: float) -> None:
+    """Keep ``value`` for ``state`` when it beats the best value found for it so far."""
+    if value > best.get(state, -np.inf):
+        best[state] = value

@@ -6,6 +6,8 @@ from collections.abc import Iterable, Sequence
 
 import numpy as np
 
+from verl_sb3._validation import require_int
+
 
 def unique_ratio(sequence: Sequence[int]) -> float:
     """Distinct tokens / tokens (0.0 for an empty sequence)."""
@@ -33,8 +35,7 @@ def violates(sequence: Sequence[int], forbidden_tokens: Iterable[int]) -> bool:
 
 def distinct_n(sequences: Sequence[Sequence[int]], n: int = 2) -> float:
     """Distinct n-grams / n-grams over all sequences (distinct-n of Li et al., 2016); 0.0 without n-grams."""
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
-        raise ValueError(f"n: expected an integer >= 1, got {n!r}")
+    require_int("n", n, 1)
     ngrams = [tuple(seq[i : i + n]) for seq in sequences for i in range(len(seq) - n + 1)]
     return len(set(ngrams)) / len(ngrams) if ngrams else 0.0
 

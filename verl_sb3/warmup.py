@@ -5,6 +5,8 @@ from __future__ import annotations
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 
+from verl_sb3._validation import require_int
+
 #: Policy attributes that hold only critic parameters (SB3, sb3-contrib and the SLM policies).
 CRITIC_MODULES = ("value_net", "mlp_extractor.value_net", "critic", "lstm_critic", "critic_embedding")
 
@@ -46,9 +48,7 @@ class CriticWarmupCallback(BaseCallback):
 
     def __init__(self, updates: int, verbose: int = 0) -> None:
         super().__init__(verbose)
-        if isinstance(updates, bool) or not isinstance(updates, int) or updates < 0:
-            raise ValueError(f"updates: expected an integer >= 0, got {updates!r}")
-        self.updates = updates
+        self.updates = require_int("updates", updates, 0)
 
     @property
     def warmup_timesteps(self) -> int:

@@ -24,9 +24,19 @@ import torch as th
 
 PROG = "verl-sb3"
 
-#: ``train`` options that map one-to-one to :class:`verl_sb3.training.TrainConfig` fields.
-TRAIN_OPTIONS = ("total_timesteps", "n_envs", "seed", "learning_rate", "kl_threshold", "vocab_size", "max_length",
-                 "forbidden_tokens", "output_dir", "progress_bar")
+#: ``train`` options that map one-to-one to :class:`verl_sb3.app.config.TrainConfig` fields.
+TRAIN_OPTIONS = (
+    "total_timesteps",
+    "n_envs",
+    "seed",
+    "learning_rate",
+    "kl_threshold",
+    "vocab_size",
+    "max_length",
+    "forbidden_tokens",
+    "output_dir",
+    "progress_bar",
+)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +79,9 @@ def parse_token_ids(text: str | Sequence[str]) -> list[int]:
         return [int(part) for part in parts]
     except ValueError:
         bad = [part for part in parts if not re.fullmatch(r"[+-]?\d+", part)]
-        raise ValueError(f"expected integer token ids separated by commas or spaces, got {joined!r} (bad: {bad})") from None
+        raise ValueError(
+            f"expected integer token ids separated by commas or spaces, got {joined!r} (bad: {bad})"
+        ) from None
 
 
 # ---------------------------------------------------------------------- parser
@@ -78,46 +90,63 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate}")
 
     train = commands.add_parser(
-        "train", help="train the model, write the dashboard, logs, checkpoints and evaluation",
+        "train",
+        help="train the model, write the dashboard, logs, checkpoints and evaluation",
         description="Train with verified PPO. Options left out take their value from --config, else from "
-                    "TrainConfig's defaults. Exit code 1 when an evaluation target is not met.",
+        "TrainConfig's defaults. Exit code 1 when an evaluation target is not met.",
         argument_default=argparse.SUPPRESS,  # only the options given reach TrainConfig
     )
-    train.add_argument("--config", metavar="FILE.yaml", help="YAML file of TrainConfig settings (options given here override it)")
+    train.add_argument(
+        "--config", metavar="FILE.yaml", help="YAML file of TrainConfig settings (options given here override it)"
+    )
     train.add_argument("--total-timesteps", type=int, help="environment steps to train for")
     train.add_argument("--n-envs", type=int, help="parallel sequences per rollout")
     train.add_argument("--seed", type=_integer(0), help="random seed (training and evaluation)")
-    train.add_argument("--learning-rate", type=float, help="Adam learning rate at the start (it decays linearly to learning_rate_final, set in --config)")
+    train.add_argument(
+        "--learning-rate",
+        type=float,
+        help="Adam learning rate at the start (it decays linearly to learning_rate_final, set in --config)",
+    )
     train.add_argument("--kl-threshold", type=float, help="largest accepted mean KL(old || new) per update")
     train.add_argument("--vocab-size", type=int, help="number of tokens of the environment")
     train.add_argument("--max-length", type=int, help="tokens per sequence")
-    train.add_argument("--forbidden-tokens", nargs="+", metavar="IDS",
-                       help='token ids that must not be generated: "3,7" or 3 7 ("" for none)')
+    train.add_argument(
+        "--forbidden-tokens",
+        nargs="+",
+        metavar="IDS",
+        help='token ids that must not be generated: "3,7" or 3 7 ("" for none)',
+    )
     train.add_argument("--output-dir", help="folder of the outputs (default: results)")
     train.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser(
-        "evaluate", help="score a checkpoint against the evaluation targets",
+        "evaluate",
+        help="score a checkpoint against the evaluation targets",
         description="Sample sequences from a checkpoint and print the evaluation table.",
     )
     evaluate.add_argument("checkpoint", help="model checkpoint (.zip)")
     evaluate.add_argument("--n-sequences", type=_integer(1), default=200, help="sequences to sample (default 200)")
     evaluate.add_argument("--seed", type=_integer(0), default=0, help="sampling seed (default 0)")
     _add_prompt_options(evaluate)
-    evaluate.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature > 0 (default 1.0)")
+    evaluate.add_argument(
+        "--temperature", type=_positive_float, default=1.0, help="sampling temperature > 0 (default 1.0)"
+    )
     evaluate.add_argument("--output-dir", help="also write evaluation.md and evaluation.json into this folder")
     evaluate.set_defaults(handler=_evaluate)
 
     generate = commands.add_parser(
-        "generate", help="sample sequences from a checkpoint",
+        "generate",
+        help="sample sequences from a checkpoint",
         description="Sample sequences from a checkpoint and print them with their quality figures.",
     )
     generate.add_argument("checkpoint", help="model checkpoint (.zip)")
     _add_prompt_options(generate)
     generate.add_argument("--num-sequences", type=_integer(1), default=3, help="sequences to sample (default 3)")
     generate.add_argument("--length", type=_integer(1), help="tokens to generate (default: until the sequence is full)")
-    generate.add_argument("--temperature", type=_positive_float, default=1.0, help="sampling temperature > 0 (default 1.0)")
+    generate.add_argument(
+        "--temperature", type=_positive_float, default=1.0, help="sampling temperature > 0 (default 1.0)"
+    )
     generate.add_argument("--seed", type=_integer(0), help="sampling seed (default: random)")
     generate.add_argument("--deterministic", action="store_true", help="take the most likely token instead of sampling")
     generate.set_defaults(handler=_generate)
@@ -135,7 +164,7 @@ def train_config(args: argparse.Namespace):
     """The :class:`TrainConfig` of ``train``'s arguments: the YAML file, then the options given."""
     import yaml
 
-    from verl_sb3.training import TrainConfig
+    from verl_sb3.app.config import TrainConfig
 
     overrides: dict[str, Any] = {name: getattr(args, name) for name in TRAIN_OPTIONS if hasattr(args, name)}
     if "forbidden_tokens" in overrides:
@@ -155,17 +184,19 @@ def train_config(args: argparse.Namespace):
 def _check_buildable(config) -> None:
     """Build the model once before training, so that a bad ``policy_kwargs`` / ``verification`` /
     ``env_kwargs`` setting is reported as a configuration error, before any output is written."""
-    from verl_sb3.training import build_model
+    from verl_sb3.app.training import build_model
 
     try:
         model = build_model(config)
-    except Exception as error:  # noqa: BLE001 - the settings are its only input: report, don't crash
-        raise ValueError(f"config: the model cannot be built from these settings ({type(error).__name__}: {error})") from None
+    except Exception as error:
+        raise ValueError(
+            f"config: the model cannot be built from these settings ({type(error).__name__}: {error})"
+        ) from None
     model.get_env().close()
 
 
 def _train(args: argparse.Namespace) -> int:
-    from verl_sb3.training import train
+    from verl_sb3.app.training import train
 
     config = train_config(args)
     _check_buildable(config)
@@ -177,8 +208,10 @@ def _train(args: argparse.Namespace) -> int:
     figures = result["figures"]
     print(result["table"])
     print()
-    print(f"Trained {figures['timesteps']} timesteps in {figures['train_seconds']:.1f} s "
-          f"(mean return {figures['mean_return']:.3f}, optimum {figures['optimal_return']:g}).")
+    print(
+        f"Trained {figures['timesteps']} timesteps in {figures['train_seconds']:.1f} s "
+        f"(mean return {figures['mean_return']:.3f}, optimum {figures['optimal_return']:g})."
+    )
     print(f"Outputs in {output}/:")
     print(f"  dashboard        {output / 'training_curves.png'}")
     print(f"  per-update log   {output / 'updates.csv'}")
@@ -193,7 +226,10 @@ def _report_targets(rows: list[dict[str, Any]], fail_code: int) -> int:
     if not failed:
         print("All evaluation targets met.")
         return 0
-    print("Targets not met: " + "; ".join(f"{r['test_case']} ({r['metric']} {r['actual']}, target {r['target']})" for r in failed))
+    print(
+        "Targets not met: "
+        + "; ".join(f"{r['test_case']} ({r['metric']} {r['actual']}, target {r['target']})" for r in failed)
+    )
     return fail_code
 
 
@@ -224,12 +260,15 @@ def _prompt(args: argparse.Namespace, config) -> str | list[int] | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from verl_sb3.evaluation import evaluate_model, evaluation_table, markdown_table, save_evaluation
+    from verl_sb3.app.targets import evaluation_table, markdown_table, save_evaluation
+    from verl_sb3.evaluation import evaluate_model
     from verl_sb3.generation import textgen_config
 
     model = _load(args.checkpoint)
     prompt = _prompt(args, textgen_config(model))
-    figures = evaluate_model(model, n_sequences=args.n_sequences, seed=args.seed, prompt=prompt, temperature=args.temperature)
+    figures = evaluate_model(
+        model, n_sequences=args.n_sequences, seed=args.seed, prompt=prompt, temperature=args.temperature
+    )
     rows = evaluation_table(figures)
     print(markdown_table(rows, figures))
     print()
@@ -247,8 +286,15 @@ def _generate(args: argparse.Namespace) -> int:
     model = _load(args.checkpoint)
     config = textgen_config(model)
     prompt = _prompt(args, config)
-    generation = generate(model, prompt, num_sequences=args.num_sequences, length=args.length,
-                          temperature=args.temperature, seed=args.seed, deterministic=args.deterministic)
+    generation = generate(
+        model,
+        prompt,
+        num_sequences=args.num_sequences,
+        length=args.length,
+        temperature=args.temperature,
+        seed=args.seed,
+        deterministic=args.deterministic,
+    )
     optimum = optimal_return(config, prompt, length=len(generation.generated[0]))
     if isinstance(prompt, str):
         shown = " ".join(prompt.split())
@@ -256,14 +302,19 @@ def _generate(args: argparse.Namespace) -> int:
         shown = f"{config.tokenizer.decode(generation.prompt)} (ids {generation.prompt})"
     else:
         shown = "(none)"
-    for index, (tokens, text, episode_return) in enumerate(zip(generation.tokens, generation.texts, generation.returns), 1):
+    for index, (tokens, text, episode_return) in enumerate(
+        zip(generation.tokens, generation.texts, generation.returns), 1
+    ):
         repeated = has_repetition(tokens, config.repetition_window)
         print(f"--- Sequence {index} of {args.num_sequences} ---")
         print(f"Prompt: {shown}")
         print(f"Generated: {text}")
         print(f"Quality Score: {unique_ratio(tokens):.3f}")
         print(f"Return: {episode_return:.3f} (optimum {optimum:.3f})")
-        print(f"Repetition: {'yes' if repeated else 'no'} (longest run {longest_run(tokens)}, window {config.repetition_window})")
+        print(
+            f"Repetition: {'yes' if repeated else 'no'} (longest run {longest_run(tokens)}, window "
+            f"{config.repetition_window})"
+        )
         print()
     print("Quality Score: unique-token ratio of the whole sequence (prompt included), 1.0 when no token repeats.")
     return 0

@@ -1,106 +1,23 @@
 """What is checked after a PPO update: small pure functions over the update's tensors.
 
-Each check takes an :class:`UpdateContext` (the old and new policy on the states of the rollout
-just trained on) and returns a :class:`CheckResult`. How an update is verified, backtracked and
-rolled back lives in :mod:`verl_sb3.verified`.
+Each check takes an :class:`~verl_sb3.verification.context.UpdateContext` (the old and new policy
+on the states of the rollout just trained on) and returns a
+:class:`~verl_sb3.verification.context.CheckResult`. Which checks run, with which thresholds, is
+:mod:`verl_sb3.verification.verifier`'s; what happens to an update that fails them is
+:mod:`verl_sb3.verified`'s.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from functools import cached_property
+from collections.abc import Sequence
+from typing import Any
 
 import torch as th
-from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, kl_divergence
+from stable_baselines3.common.distributions import CategoricalDistribution
 
-from verl_sb3.kl_control import categorical_kl
-
-
-@dataclass(frozen=True)
-class CheckResult:
-    """The verdict of one check: ``passed``, the measured ``value``, its ``threshold``, a message,
-    and ``details``: other figures the check measured (such as the KL's maximum over states)."""
-
-    passed: bool
-    value: float
-    threshold: float | None = None
-    message: str = ""
-    details: dict[str, float] = field(default_factory=dict)
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass
-class UpdateContext:
-    """The update under verification, on the rollout's states (padding excluded).
-
-    ``advantages``, ``returns``, ``values``, ``actions`` and the log-probabilities are flat tensors
-    over the real samples; the distributions cover the whole (possibly padded) batch, ``mask``
-    selects its real samples. ``kl`` and ``entropy`` are per real sample. Checks read these
-    tensors and must not modify them in place (they may share memory with the distributions).
-    """
-
-    old_distribution: Distribution
-    new_distribution: Distribution
-    mask: th.Tensor
-    actions: th.Tensor
-    advantages: th.Tensor
-    returns: th.Tensor
-    values: th.Tensor
-    old_log_prob: th.Tensor
-    new_log_prob: th.Tensor
-    normalize_advantage: bool
-    parameters: Sequence[th.Tensor]
-    forbidden_tokens: Sequence[int] = ()
-    #: per real sample, the last token of its state's sequence (-1 when it has none); set for the
-    #: repeat-mass check (token-sequence observations), else None
-    previous_tokens: th.Tensor | None = None
-
-    def __post_init__(self) -> None:
-        self._all_real = bool(self.mask.all())
-        # KL >= 0; float32 rounding can give -5e-7 for one distribution written with shifted logits.
-        # clamp_min keeps NaN, which the checks must see.
-        self.kl = self.real(_kl(self.old_distribution, self.new_distribution)).clamp_min(0.0)
-        self.entropy = self.new_distribution.entropy()
-        self.entropy = self.real(self.entropy) if self.entropy is not None else -self.new_log_prob
-
-    def real(self, values: th.Tensor) -> th.Tensor:
-        """The rows of a whole-batch tensor that belong to real samples (itself when nothing is padding)."""
-        return values if self._all_real else values[self.mask]
-
-    @cached_property
-    def normalized_advantages(self) -> th.Tensor:
-        """Advantages scaled as PPO's loss sees them over the whole batch."""
-        return (self.advantages - self.advantages.mean()) / (self.advantages.std() + 1e-8)
-
-    @property
-    def policy_advantages(self) -> th.Tensor:
-        """The advantages the policy loss used: normalised when ``normalize_advantage`` is on."""
-        return self.normalized_advantages if self.normalize_advantage else self.advantages
-
-    def probabilities(self, which: str = "new") -> th.Tensor | None:
-        """Action probabilities of the real samples (Discrete actions only, else None); read-only:
-        without padding this is the distribution's own cached tensor."""
-        distribution = self.new_distribution if which == "new" else self.old_distribution
-        if not isinstance(distribution, CategoricalDistribution):
-            return None
-        return self.real(distribution.distribution.probs)
-
-
-Check = Callable[[UpdateContext], CheckResult]
-
-
-def _kl(old: Distribution, new: Distribution) -> th.Tensor:
-    """Exact KL(old || new) per state: over all logits for Categorical, else SB3's ``kl_divergence``."""
-    if isinstance(old, CategoricalDistribution) and isinstance(new, CategoricalDistribution):
-        # torch's Categorical holds normalised log-probabilities as its logits (not its cached
-        # ``probs``: at large vocabularies a (states, vocabulary) tensor kept for the whole
-        # verification raises the peak memory)
-        return categorical_kl(old.distribution.logits, new.distribution.logits)
-    return kl_divergence(old, new)
+from verl_sb3.tokens import last_tokens, sequence_lengths
+from verl_sb3.verification.context import CheckResult, UpdateContext
 
 
 def _finite(value: float) -> bool:
@@ -113,7 +30,9 @@ def kl_check(ctx: UpdateContext, kl_threshold: float) -> CheckResult:
     mean_kl = ctx.kl.double().mean().item()
     max_kl = ctx.kl.max().item() if ctx.kl.numel() else 0.0
     passed = _finite(mean_kl) and mean_kl <= kl_threshold
-    return CheckResult(passed, mean_kl, kl_threshold, f"mean KL {mean_kl:.4g} (max over states {max_kl:.4g})", {"max": max_kl})
+    return CheckResult(
+        passed, mean_kl, kl_threshold, f"mean KL {mean_kl:.4g} (max over states {max_kl:.4g})", {"max": max_kl}
+    )
 
 
 def advantage_finite_check(ctx: UpdateContext) -> CheckResult:
@@ -165,7 +84,10 @@ def surrogate_check(ctx: UpdateContext, tolerance: float) -> CheckResult:
     aligned = advantage_alignment(ctx)
     passed = _finite(gain) and gain >= -tolerance
     return CheckResult(
-        passed, gain, -tolerance, f"surrogate gain {gain:.4g}; {aligned:.1%} of samples moved with their advantage",
+        passed,
+        gain,
+        -tolerance,
+        f"surrogate gain {gain:.4g}; {aligned:.1%} of samples moved with their advantage",
         {"advantage_alignment": aligned},
     )
 
@@ -187,6 +109,11 @@ def count_non_finite(tensors: Sequence[th.Tensor]) -> int:
     return int(sum((~th.isfinite(t)).sum() for t in tensors))
 
 
+def non_finite_parameter_names(module: th.nn.Module) -> list[str]:
+    """The names of ``module``'s parameters that hold a NaN or an infinity."""
+    return [name for name, p in module.named_parameters() if not bool(th.isfinite(p).all())]
+
+
 def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
     """Every policy parameter and every new action log-probability is finite."""
     bad = count_non_finite(ctx.parameters)
@@ -195,7 +122,9 @@ def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
     # a sum is non-finite whenever one of its terms is: one pass settles the common case
     bad_probs = 0 if bool(th.isfinite(values.sum())) else int((~th.isfinite(values)).sum())
     total = bad + bad_probs
-    return CheckResult(total == 0, float(total), 0.0, f"{bad} non-finite parameters, {bad_probs} non-finite probabilities")
+    return CheckResult(
+        total == 0, float(total), 0.0, f"{bad} non-finite parameters, {bad_probs} non-finite probabilities"
+    )
 
 
 def entropy_check(ctx: UpdateContext, min_entropy: float) -> CheckResult:
@@ -203,6 +132,14 @@ def entropy_check(ctx: UpdateContext, min_entropy: float) -> CheckResult:
     entropy = ctx.entropy.mean().item()
     passed = _finite(entropy) and entropy >= min_entropy
     return CheckResult(passed, entropy, min_entropy, f"mean policy entropy {entropy:.4g} nats")
+
+
+def environment_forbidden_tokens(env: Any) -> tuple[int, ...]:
+    """The tokens an environment declares forbidden (TextGen-v0's ``config.forbidden_tokens``), else none."""
+    try:
+        return tuple(env.get_attr("config")[0].forbidden_tokens) if env is not None else ()
+    except (AttributeError, IndexError):
+        return ()
 
 
 def forbidden_mass_check(ctx: UpdateContext, max_forbidden_prob: float) -> CheckResult:
@@ -231,32 +168,33 @@ def repeat_mass_check(ctx: UpdateContext, max_repeat_prob: float) -> CheckResult
     mass always passes.
     """
     distributions = (ctx.new_distribution, ctx.old_distribution)
-    if not all(isinstance(d, CategoricalDistribution) for d in distributions) or ctx.previous_tokens is None:
-        raise ValueError("max_repeat_prob: the repeat-mass check needs a Discrete action space and the states' previous tokens")
-    has_previous = ctx.previous_tokens >= 0
+    if not all(isinstance(d, CategoricalDistribution) for d in distributions):
+        raise ValueError("max_repeat_prob: the repeat-mass check needs a Discrete action space")
+    previous = ctx.previous_tokens if ctx.previous_tokens is not None else _previous_tokens(ctx)
+    has_previous = previous >= 0
     if not bool(has_previous.any()):
         return CheckResult(True, 0.0, max_repeat_prob, "no state has a previous token")
-    index = ctx.previous_tokens.clamp(min=0)[:, None]
+    index = previous.clamp(min=0)[:, None]
     # from the log-probabilities: one value per state, not a (states, vocabulary) probability tensor
-    new_mass, old_mass = (ctx.real(d.distribution.logits).gather(1, index).squeeze(1)[has_previous].exp().mean().item()
-                          for d in distributions)
+    new_mass, old_mass = (
+        ctx.real(d.distribution.logits).gather(1, index).squeeze(1)[has_previous].exp().mean().item()
+        for d in distributions
+    )
     passed = _finite(new_mass) and (new_mass <= max_repeat_prob or new_mass <= old_mass)
-    return CheckResult(passed, new_mass, max_repeat_prob, f"probability of repeating the previous token {old_mass:.4g} -> {new_mass:.4g}")
+    return CheckResult(
+        passed,
+        new_mass,
+        max_repeat_prob,
+        f"probability of repeating the previous token {old_mass:.4g} -> {new_mass:.4g}",
+    )
 
 
-def reuse_mass(logits: th.Tensor, tokens: th.Tensor, n_tokens: int) -> th.Tensor:
-    """Per state, the probability the policy puts on tokens already in the state's sequence.
-
-    ``logits``: (states, ``n_tokens``) action logits; ``tokens``: (states, length) token ids,
-    padding ids ``>= n_tokens``. On TextGen-v0 this is the chance that the next token lowers the
-    sequence's diversity: a uniform policy over 50 tokens has 0.17 on average over its own
-    sequences of 20, one that never reuses a token 0. Each distinct token is counted once (found
-    by sorting each sequence), from log-probabilities gathered at the sequence's tokens, so the
-    memory is (states, length), not (states, vocabulary) nor (states, length, length).
-    """
-    tokens = tokens.long().sort(dim=1).values
-    distinct = th.ones_like(tokens, dtype=th.bool)
-    distinct[:, 1:] = tokens[:, 1:] != tokens[:, :-1]
-    counted = distinct & (tokens < n_tokens)
-    log_probs = logits.gather(1, tokens.clamp(max=n_tokens - 1)) - logits.logsumexp(dim=1, keepdim=True)
-    return (log_probs.exp() * counted).sum(dim=1)
+def _previous_tokens(ctx: UpdateContext) -> th.Tensor:
+    """Each real sample's last token (-1 for an empty sequence), from token-sequence observations
+    padded with the number of actions."""
+    if not isinstance(ctx.observations, th.Tensor):
+        raise ValueError(
+            "max_repeat_prob: the repeat-mass check needs the states' previous tokens (token-sequence observations)"
+        )
+    tokens = ctx.observations.long()
+    return last_tokens(tokens, sequence_lengths(tokens, ctx.new_distribution.action_dim), empty=-1)

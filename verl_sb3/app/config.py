@@ -1,0 +1,196 @@
+"""The training job's settings: :class:`TrainConfig`, from Python, YAML or the command line."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from stable_baselines3.common.type_aliases import Schedule
+
+try:  # stable-baselines3 >= 2.6: a picklable class
+    from stable_baselines3.common.utils import LinearSchedule
+except ImportError:  # older releases: the same schedule as a closure
+    from stable_baselines3.common.utils import get_linear_fn as LinearSchedule
+
+from textenv_gym.dynamics import TextGenConfig
+from verl_sb3.verification.config import DEFAULT_KL_THRESHOLD
+
+
+def default_threads() -> int:
+    """Torch threads of a training run: one per core this process may use, at most 2 (more than
+    free cores slows training down; see the README)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return min(2, cores or 1)
+
+
+@dataclass
+class TrainConfig:
+    """Everything the training run uses; the defaults are the default run (see the README)."""
+
+    total_timesteps: int = 1_200_000
+    n_envs: int = 128
+    seed: int = 0
+    learning_rate: float = 1e-3
+    learning_rate_final: float | None = 1e-4
+    kl_threshold: float = DEFAULT_KL_THRESHOLD
+    repeat_mass_factor: float | None = 1.5
+    max_reuse_rise: float | None = 3.0
+    vocab_size: int = 50
+    max_length: int = 20
+    forbidden_tokens: list[int] = field(default_factory=list)
+    output_dir: str = "results"
+    n_steps: int = 20
+    batch_size: int = 320
+    n_epochs: int = 5
+    gamma: float = 1.0
+    gae_lambda: float = 0.8
+    clip_range: float = 0.2
+    critic_warmup: int = 10
+    ent_coef: float = 0.0
+    target_entropy: float | None = 2.3
+    ref_kl_coef: float | None = None
+    vf_coef: float = 0.5
+    max_grad_norm: float = 0.5
+    policy_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_critic_lstm": False})
+    verification: dict[str, Any] = field(default_factory=dict)
+    env_kwargs: dict[str, Any] = field(default_factory=dict)
+    eval_freq: int = 50_000
+    eval_sequences: int = 200
+    final_eval_sequences: int = 500
+    checkpoint_freq: int = 200_000
+    threads: int = field(default_factory=default_threads)
+    progress_bar: bool = True
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        def number(name: str, low: float, high: float = math.inf, open_low: bool = False) -> None:
+            value = getattr(self, name)
+            ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+            if not ok or value < low or value > high or (open_low and value == low):
+                bound = f"{'>' if open_low else '>='} {low}" + (f" and <= {high}" if high < math.inf else "")
+                raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
+
+        for name in (
+            "total_timesteps",
+            "n_envs",
+            "n_steps",
+            "batch_size",
+            "n_epochs",
+            "eval_freq",
+            "eval_sequences",
+            "final_eval_sequences",
+            "checkpoint_freq",
+            "threads",
+        ):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an integer >= 1, got {value!r}")
+        for name in ("seed", "critic_warmup"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+        for name in ("learning_rate", "kl_threshold", "clip_range", "max_grad_norm"):
+            number(name, 0.0, open_low=True)
+        for name in ("gamma", "gae_lambda"):
+            number(name, 0.0, 1.0)
+        for name in ("ent_coef", "vf_coef"):
+            number(name, 0.0)
+        if self.learning_rate_final is not None:
+            number("learning_rate_final", 0.0, open_low=True)
+        if self.target_entropy is not None:
+            number("target_entropy", 0.0)
+        if self.repeat_mass_factor is not None:
+            number("repeat_mass_factor", 0.0, open_low=True)
+        if self.max_reuse_rise is not None:
+            number("max_reuse_rise", 0.0)
+        if self.ref_kl_coef is not None:
+            number("ref_kl_coef", 0.0)
+        for name in ("progress_bar",):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        if isinstance(self.verbose, bool) or self.verbose not in (0, 1, 2):
+            raise ValueError(f"verbose: expected 0, 1 or 2, got {self.verbose!r}")
+        if not isinstance(self.output_dir, str) or not self.output_dir:
+            raise ValueError(f"output_dir: expected a folder name, got {self.output_dir!r}")
+        for name in ("policy_kwargs", "verification", "env_kwargs"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f"{name}: expected a mapping of settings, got {getattr(self, name)!r}")
+        own = sorted(set(self._own_verification_kwargs()) & set(self.verification))
+        if own:
+            raise ValueError(
+                f"verification: {own} are set by the configuration's own fields (max_repeat_prob by "
+                f"repeat_mass_factor); set them there, not in verification"
+            )
+        if isinstance(self.forbidden_tokens, (str, bytes)) or not isinstance(self.forbidden_tokens, (list, tuple)):
+            raise ValueError(f"forbidden_tokens: expected a list of token ids, got {self.forbidden_tokens!r}")
+        if self.env_kwargs.get("reward_fns"):
+            raise ValueError(
+                "env_kwargs: reward_fns holds Python callables, which the training job's YAML configuration cannot "
+                "record; train in Python with make_textgen_vec_env(..., reward_fns=...) (see examples/custom_reward.py)"
+            )
+        clashing = sorted({"vocab_size", "max_length", "forbidden_tokens"} & set(self.env_kwargs))
+        if clashing:
+            raise ValueError(f"env_kwargs: {clashing} are settings of their own; set them there, not in env_kwargs")
+        try:
+            self.textgen = TextGenConfig(  # validates the environment's arguments now, not after setup
+                vocab_size=self.vocab_size,
+                max_length=self.max_length,
+                forbidden_tokens=list(self.forbidden_tokens),
+                **self.env_kwargs,
+            )
+        except TypeError as error:
+            raise ValueError(f"env_kwargs: {error}") from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
+        """The configuration in a YAML file (keys are this class's fields), then ``overrides``."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config: no such file {str(path)!r}")
+        values = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"config {str(path)!r}: expected a mapping of settings, got {type(values).__name__}")
+        return cls.from_dict({**values, **overrides})
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"config: unknown settings {unknown}; known: {sorted(names)}")
+        return cls(**values)
+
+    @property
+    def max_repeat_prob(self) -> float | None:
+        """The repeat-mass check's bound: ``repeat_mass_factor`` times a uniform policy's
+        probability of repeating the previous token (``1 / vocab_size``), at most 1; None: no check."""
+        return None if self.repeat_mass_factor is None else min(1.0, self.repeat_mass_factor / self.vocab_size)
+
+    def _own_verification_kwargs(self) -> dict[str, Any]:
+        """The verification arguments this configuration's own fields set (``verification`` may not)."""
+        return dict(
+            kl_threshold=self.kl_threshold,
+            max_repeat_prob=self.max_repeat_prob,
+            max_reuse_rise=self.max_reuse_rise,
+            target_entropy=self.target_entropy,
+            ref_kl_coef=self.ref_kl_coef,
+        )
+
+    def verification_kwargs(self) -> dict[str, Any]:
+        """The verified PPO's verification arguments: this configuration's fields, then ``verification``."""
+        return {**self._own_verification_kwargs(), **self.verification}
+
+    def learning_rate_schedule(self) -> float | Schedule:
+        """``learning_rate``, decaying linearly to ``learning_rate_final`` over the run (SB3's
+        ``LinearSchedule`` of the progress remaining), or constant when that is None."""
+        if self.learning_rate_final is None:
+            return self.learning_rate
+        return LinearSchedule(self.learning_rate, self.learning_rate_final, end_fraction=1.0)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -1,0 +1,98 @@
+"""The model's state that an update changes: captured before it, restored to undo it.
+
+One type serves every way back: the rollback of a rejected update, the backtracking line search
+(by interpolating the policy), the undoing of an update judged on the next rollout, and the
+repair of parameters found non-finite between updates.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+
+from verl_sb3.verification.checks import count_non_finite, non_finite_parameter_names
+
+
+def clone_state(value: Any) -> Any:
+    """A copy of a (nested) state dict: tensors cloned, containers rebuilt, the rest shared."""
+    if isinstance(value, th.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {key: clone_state(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(clone_state(item) for item in value)
+    return value
+
+
+def policy_state(model: BaseAlgorithm) -> dict[str, th.Tensor]:
+    """A copy of the policy's parameters and buffers."""
+    return {name: tensor.clone() for name, tensor in model.policy.state_dict().items()}
+
+
+def rollback_attribute_names(cls: type) -> tuple[str, ...]:
+    """The ``_rollback_attributes`` of every class of ``cls``'s ladder, parents first, without repeats."""
+    names = (name for klass in reversed(cls.__mro__) for name in vars(klass).get("_rollback_attributes", ()))
+    return tuple(dict.fromkeys(names))
+
+
+@dataclass
+class ModelState:
+    """The policy's and the optimizer's state, SB3's update counter and the controllers an update
+    moves (the model's ``_rollback_attributes``), with a label saying when they were captured."""
+
+    policy: dict[str, th.Tensor]
+    optimizer: dict[str, Any]
+    n_updates: int
+    attributes: dict[str, Any] = field(default_factory=dict)
+    label: str = ""
+
+    @classmethod
+    def capture(cls, model: BaseAlgorithm, label: str = "", attributes: Iterable[str] = ()) -> ModelState:
+        return cls(
+            policy=policy_state(model),
+            optimizer=clone_state(model.policy.optimizer.state_dict()),
+            n_updates=model._n_updates,
+            attributes={name: copy.deepcopy(getattr(model, name)) for name in attributes},
+            label=label,
+        )
+
+    def restore(self, model: BaseAlgorithm) -> None:
+        """Put everything back, bit for bit. The state stays usable: the optimizer gets copies of
+        its tensors (it may keep the given ones and update them in place)."""
+        model.policy.load_state_dict(self.policy)
+        model.policy.optimizer.load_state_dict(clone_state(self.optimizer))
+        model._n_updates = self.n_updates
+        for name, value in self.attributes.items():
+            setattr(model, name, copy.deepcopy(value))
+
+    def interpolate(self, model: BaseAlgorithm, target: dict[str, th.Tensor], step_size: float) -> None:
+        """Set the policy's floating-point tensors to ``self + step_size * (target - self)``."""
+        with th.no_grad():
+            for name, tensor in model.policy.state_dict().items():
+                if tensor.is_floating_point():
+                    tensor.copy_(self.policy[name] + step_size * (target[name] - self.policy[name]))
+
+
+def restore_if_non_finite(model: BaseAlgorithm, last_verified: ModelState | None, where: str) -> str | None:
+    """Restore ``last_verified`` when ``model``'s policy parameters are found non-finite ``where``;
+    the message saying so, or None when they are finite.
+
+    :raises RuntimeError: naming the parameters, when there is no verified state to go back to.
+    """
+    parameters = [p.detach() for p in model.policy.parameters()]
+    bad = count_non_finite(parameters)
+    if not bad:
+        return None
+    message = (
+        f"finite_parameters: {bad} non-finite parameters ({', '.join(non_finite_parameter_names(model.policy))}) "
+        f"found {where}, at timestep {model.num_timesteps}"
+    )
+    if last_verified is None:
+        raise RuntimeError(f"{message}; no verified state to restore")
+    last_verified.restore(model)
+    return f"{message}; restored the last verified state ({last_verified.label})"
