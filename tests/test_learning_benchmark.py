@@ -26,7 +26,7 @@ ROW = re.compile(
 
 
 def load_benchmark():
-    """``benchmarks/learning.py`` as a module (once per session)."""
+    """``benchmarks/learning.py`` as a module (imported once for all tests)."""
     spec = importlib.util.spec_from_file_location("learning_benchmark", SCRIPT)
     if spec.name not in sys.modules:  # its dataclasses look their module up there
         module = importlib.util.module_from_spec(spec)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
@@ -24,8 +25,10 @@ def test_readme_has_the_two_command_quick_start():
         "pip install torch==2.13.0 && pip install -e . && python examples/train.py\n",
         'pip install torch==2.13.0 && pip install -e ".[test]" && python -m pytest\n',
     ]
-    ci = (README.parent / ".ci" / "run").read_text()
-    assert commands[1].strip() in ci  # CI runs the README's test command
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    install, test = commands[1].strip().rsplit(" && ", 1)
+    assert install in ci and test in ci  # CI runs the README's test command (and lints in between)
+    assert ci.index(install) < ci.index("ruff check . && ruff format --check .") < ci.index(test)
 
 
 def block_with(marker: str) -> str:
@@ -51,6 +54,7 @@ def test_every_readme_snippet_is_run_by_a_test():
         "vocab_size=5000",
         "CriticWarmupCallback(5)",
         "max_reuse_rise=3.0",
+        "EntropyDropJudge",
     )
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
@@ -100,15 +104,20 @@ def test_readme_next_rollout_judgement_snippet_runs(tmp_path, monkeypatch, capsy
     assert capsys.readouterr().out.startswith(f"{model.n_undone} {model.lr_scale}")
 
 
-def test_readme_transformer_snippet_runs(tmp_path, monkeypatch):
+def test_readme_own_judge_snippet_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    model = run(block_with('"SLMTransformerPolicy"'))["transformer"]
+    model = run(block_with("EntropyDropJudge"))["own"]
+    assert type(model.rollout_judgement.judge).__name__ == "EntropyDropJudge"
+    assert model.rollout_judgement.measured is not None and 0.0 < model.rollout_judgement.measured[0] <= math.log(50)
+    assert len(model.verification_log) + model.n_undone == model.num_timesteps // (model.n_steps * model.n_envs)
+    assert capsys.readouterr().out.startswith(f"{model.n_undone} ")
+
+
+def test_readme_transformer_and_large_vocabulary_snippet_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    namespace = run(block_with('"SLMTransformerPolicy"'))  # and the large vocabulary
+    model = namespace["transformer"]
     assert type(model.policy).__name__ == "SLMTransformerPolicy" and len(model.verification_log) == 2
-
-
-def test_readme_large_vocabulary_snippet_runs(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    namespace = run(block_with("vocab_size=5000"))
     assert namespace["large"].action_space.n == 5000
     assert len(namespace["lstm"].verification_log) == 1
 

@@ -428,6 +428,6 @@ def test_saved_model_keeps_its_user_components(tmp_path):
 
 def test_readme_reward_components_snippet_runs(capsys):
     text = README.read_text()
-    block = re.search(r"\*\*Custom reward components.*?```python\n(.*?)```", text, flags=re.S).group(1)
+    block = re.search(r"\*\*Your own reward components.*?```python\n(.*?)```", text, flags=re.S).group(1)
     exec(compile(block, "README.md", "exec"), {})
     assert capsys.readouterr().out == "2.5 {'diversity': 2.0, 'repetition': 0.0, 'forbidden': 0.0, 'river': 0.5}\n"

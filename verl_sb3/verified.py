@@ -58,7 +58,7 @@ from verl_sb3.verification.verifier import non_finite_results, verify_update
 _Snapshot, _PendingJudgement = legacy.Snapshot, legacy.PendingJudgement
 
 
-def rollout_judge(max_reuse_rise: float | None, judge: Any) -> RolloutJudge | None:
+def _judge_of(max_reuse_rise: float | None, judge: Any) -> RolloutJudge | None:
     """The judge of the next rollout: ``judge``, or the reuse-mass judge of ``max_reuse_rise``, or none."""
     if max_reuse_rise is not None:
         if judge is not None:
@@ -71,7 +71,7 @@ def rollout_judge(max_reuse_rise: float | None, judge: Any) -> RolloutJudge | No
     return judge
 
 
-def forbidden_tokens_of(model: Any, forbidden_tokens: Any) -> tuple[int, ...]:
+def _forbidden_tokens_of(model: Any, forbidden_tokens: Any) -> tuple[int, ...]:
     """The forbidden tokens given, or, when None, those ``model``'s environment declares (TextGen-v0's ``config``)."""
     if forbidden_tokens is None:
         forbidden_tokens = C.environment_forbidden_tokens(model.env)
@@ -150,17 +150,16 @@ class VerificationMixin(JudgedCollectionMixin):
             EntropyController(target_entropy, entropy_coef_rate)  # validates both
         undo = UndoSettings(lr_shrink, lr_recovery, min_lr_scale)
         self.lr_shrink, self.lr_recovery, self.min_lr_scale = undo.lr_shrink, undo.lr_recovery, undo.min_lr_scale
-        judge = rollout_judge(max_reuse_rise, judge)
+        judge = _judge_of(max_reuse_rise, judge)
         self.max_reuse_rise = None if max_reuse_rise is None else judge.max_rise
         self.rollout_judgement = None if judge is None else NextRolloutJudgement(judge)
         #: Factor on the learning-rate schedule: lowered when an update is undone, see ``max_reuse_rise``.
         self.lr_scale = 1.0
         self.verification_report = VerificationReport()
         self._last_verified: ModelState | None = None  # what broken parameters return to
-        self._rollout_logits: th.Tensor | None = None
         self._update_figures: dict[str, Any] | None = None
         super().__init__(policy, env, *args, **kwargs)
-        self.forbidden_tokens = forbidden_tokens_of(self, forbidden_tokens)
+        self.forbidden_tokens = _forbidden_tokens_of(self, forbidden_tokens)
         if self.max_repeat_prob is not None:
             require_token_sequences("max_repeat_prob", self)
         if self.rollout_judgement is not None:

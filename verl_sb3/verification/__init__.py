@@ -17,6 +17,8 @@
 from verl_sb3.verification.config import VerificationConfig
 from verl_sb3.verification.context import Check, CheckResult, UpdateContext
 from verl_sb3.verification.judgement import CollectedRollout, RolloutJudge, UndoSettings
+from verl_sb3.verification.line_search import LineSearchResult, backtracking_line_search
+from verl_sb3.verification.report import UpdateRecord, VerificationReport
 from verl_sb3.verification.reuse_mass import ReuseMassJudge
 from verl_sb3.verification.state import ModelState
 from verl_sb3.verification.verifier import verify_update
@@ -25,11 +27,15 @@ __all__ = [
     "Check",
     "CheckResult",
     "CollectedRollout",
+    "LineSearchResult",
     "ModelState",
     "ReuseMassJudge",
     "RolloutJudge",
     "UndoSettings",
     "UpdateContext",
+    "UpdateRecord",
     "VerificationConfig",
+    "VerificationReport",
+    "backtracking_line_search",
     "verify_update",
 ]
