@@ -398,7 +398,7 @@ def test_prompt_ids_of_the_wrong_kind(prompt):
         ({"forbidden_tokens": [-1]}, r"forbidden_tokens.*\[-1\]"),
         ({"forbidden_tokens": list(range(50))}, r"forbidden_tokens: every one of the 50 tokens is forbidden"),
         ({"vocabulary": ["a", "b"], "forbidden_tokens": [1, 0, 1]}, r"forbidden_tokens: every one of the 2"),
-        ({"render_mode": "rgb_array"}, r"render_mode: expected None or one of \['ansi', 'human'\]"),
+        ({"render_mode": "video"}, r"render_mode: expected None or one of \['ansi', 'human', 'rgb_array'\]"),
     ],
 )
 def test_invalid_arguments(kwargs, match):

@@ -279,8 +279,8 @@ def test_sb3_vec_env_is_a_vec_env_with_the_right_spaces():
         venv.set_attr("x", 1)
     with pytest.raises(AttributeError, match="env_method"):
         venv.env_method("reset")
-    with pytest.raises(TypeError):
-        TextGenVecEnv(2, render_mode="ansi")  # render_mode is not a TextGenVecEnv argument
+    with pytest.raises(ValueError, match=r"render_mode: expected None or one of \['rgb_array'\]"):
+        TextGenVecEnv(2, render_mode="ansi")  # SB3's vectorised environments render images
 
 
 def test_sb3_vec_env_prompt_from_set_options_and_seeded_action_space():

@@ -215,7 +215,10 @@ def reward_components(
             raise ValueError(f"reward_components: the user component {name!r} needs the sequences' tokens and lengths")
         components[name] = _user_component(name, fn, tokens, lengths)
     for name, weight in (config.reward_weights or {}).items():
-        components[name] = weight * components[name]
+        with np.errstate(over="ignore"):
+            components[name] = weight * components[name]
+        if not np.all(np.isfinite(components[name])):
+            raise ValueError(f"reward_weights[{name!r}]: weight {weight} times the component's values is not finite")
     return components
 
 
@@ -224,7 +227,12 @@ def _user_component(name: str, fn: RewardFunction, tokens: np.ndarray, lengths: 
     expected = (len(lengths),)
     if not len(lengths):  # nothing was stepped (every environment autoreset): no call
         return np.zeros(0)
-    returned = fn(tokens, lengths)
+    try:
+        returned = fn(tokens, lengths)
+    except Exception as error:
+        raise ValueError(f"reward_fns[{name!r}]: raised {type(error).__name__}: {error}") from error
+    if np.iscomplexobj(np.asarray(returned)):
+        raise ValueError(f"reward_fns[{name!r}]: returned complex values, expected real numbers of shape {expected}")
     try:
         values = np.asarray(returned, dtype=np.float64)
     except (TypeError, ValueError):
@@ -235,6 +243,18 @@ def _user_component(name: str, fn: RewardFunction, tokens: np.ndarray, lengths: 
         bad = values[~np.isfinite(values)].tolist()
         raise ValueError(f"reward_fns[{name!r}]: returned non-finite values {bad}, expected finite numbers")
     return values
+
+
+def _require_representable(reward: np.ndarray, dtype: type) -> None:
+    """A ValueError unless every reward is finite once cast to ``dtype``."""
+    with np.errstate(over="ignore"):
+        cast = np.asarray(reward, dtype=dtype)
+    if len(reward) and not np.all(np.isfinite(cast)):
+        bad = reward[~np.isfinite(cast)].tolist()
+        raise ValueError(
+            f"reward: the components sum to {bad}, not a finite {np.dtype(dtype).name}; "
+            "check the reward_weights and the reward_fns' values"
+        )
 
 
 @dataclass
@@ -287,29 +307,42 @@ class SequenceBatch:
         self.unique[rows] = unique
         self.run_length[rows] = run
 
-    def append(self, actions: np.ndarray, rows: np.ndarray | None = None) -> StepOutcome:
+    def append(
+        self, actions: np.ndarray, rows: np.ndarray | None = None, reward_dtype: type = np.float64
+    ) -> StepOutcome:
         """Append ``actions[j]`` to sequence ``rows[j]`` (all sequences when ``rows`` is None).
 
+        Atomic: the new sequences and their reward are computed first, and stored only when the
+        reward is known and finite in ``reward_dtype`` (the type the caller hands it on in); a
+        component that fails raises a ValueError naming it, and the sequences stay as they were.
         The caller validates the actions and never appends to a full sequence.
         """
         rows = np.arange(self.num_sequences) if rows is None else rows
-        tokens, lengths = self.tokens[rows], self.lengths[rows]
+        tokens, lengths = self.tokens[rows], self.lengths[rows]  # copies (fancy indexing)
         last = np.where(lengths > 0, tokens[np.arange(len(rows)), np.maximum(lengths - 1, 0)], self.config.pad_id)
         is_new = ~np.any(tokens == actions[:, None], axis=1)  # padding never equals a token id
-        self.tokens[rows, lengths] = actions
-        self.lengths[rows] = lengths = lengths + 1
-        self.unique[rows] = unique = self.unique[rows] + is_new
-        self.run_length[rows] = run = np.where(last == actions, self.run_length[rows] + 1, 1)
+        tokens[np.arange(len(rows)), lengths] = actions
+        lengths = lengths + 1
+        unique = self.unique[rows] + is_new
+        run = np.where(last == actions, self.run_length[rows] + 1, 1)
 
         diversity = unique / lengths
         repeated = run >= self.config.repetition_window
         forbidden = self.config.forbidden_mask[actions]
-        # Copies (fancy indexing) for user components, which then cannot alter the sequences.
-        tokens, lengths_copy = (self.tokens[rows], lengths.copy()) if self.config.reward_fns else (None, None)
-        components = reward_components(diversity, repeated, forbidden, self.config, tokens, lengths_copy)
-        reward = sum(components.values())
+        # copies for user components, which then cannot alter the sequences
+        user = (tokens.copy(), lengths.copy()) if self.config.reward_fns else (None, None)
+        components = reward_components(diversity, repeated, forbidden, self.config, *user)
+        with np.errstate(over="ignore"):  # an overflow is reported next
+            reward = sum(components.values())
+        _require_representable(reward, reward_dtype)
+        self.tokens[rows], self.lengths[rows], self.unique[rows], self.run_length[rows] = tokens, lengths, unique, run
         terminated = lengths >= self.config.max_length
         return StepOutcome(reward, components, diversity, repeated, forbidden, terminated)
+
+    def texts(self) -> tuple[str, ...]:
+        """The decoded text of every sequence."""
+        decode = self.config.tokenizer.decode
+        return tuple(decode(row[:length]) for row, length in zip(self.tokens, self.lengths))
 
 
 def validate_action(action: Any, vocab_size: int) -> int:

@@ -11,7 +11,8 @@ from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from textenv_gym.dynamics import SequenceBatch, TextGenConfig, validate_actions
-from textenv_gym.text_gen import observation_space_for
+from textenv_gym.rendering import text_frame
+from textenv_gym.text_gen import check_render_mode, observation_space_for
 
 
 class TextGenVecEnv(VecEnv):
@@ -29,13 +30,20 @@ class TextGenVecEnv(VecEnv):
 
     :param num_envs: number of sequences.
     :param seed: seed of the action space's generator (the dynamics are deterministic).
-    :param env_kwargs: the arguments of :class:`textenv_gym.TextGenEnv` (``render_mode`` excepted).
+    :param render_mode: None or ``"rgb_array"``: ``render()`` tiles the environments' frames, as
+        SB3's vectorised environments do (``get_images()`` gives them one by one).
+    :param env_kwargs: the other arguments of :class:`textenv_gym.TextGenEnv`.
     """
 
-    def __init__(self, num_envs: int, seed: int | None = None, **env_kwargs: Any) -> None:
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self, num_envs: int, seed: int | None = None, render_mode: str | None = None, **env_kwargs: Any
+    ) -> None:
+        check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(**env_kwargs)
         self.sequences = SequenceBatch(self.config, num_envs)
-        self.render_mode = None
+        self.render_mode = render_mode
         super().__init__(num_envs, observation_space_for(self.config), spaces.Discrete(self.config.vocab_size))
         self.action_space.seed(seed)
         self._actions = np.zeros(num_envs, dtype=np.int64)
@@ -51,7 +59,7 @@ class TextGenVecEnv(VecEnv):
         self._actions = validate_actions(actions, self.num_envs, self.config.vocab_size)
 
     def step_wait(self):
-        outcome = self.sequences.append(self._actions)
+        outcome = self.sequences.append(self._actions, reward_dtype=np.float32)
         done = outcome.terminated
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if self.config.custom_reward:
@@ -86,8 +94,10 @@ class TextGenVecEnv(VecEnv):
     def env_is_wrapped(self, wrapper_class: type[gym.Wrapper], indices: VecEnvIndices = None) -> list[bool]:
         return [False for _ in self._get_indices(indices)]
 
-    def render(self, mode: str | None = None) -> None:
-        return None
+    def get_images(self) -> list[np.ndarray | None]:
+        if self.render_mode != "rgb_array":
+            return [None] * self.num_envs
+        return [text_frame(text) for text in self.sequences.texts()]
 
 
 def make_textgen_vec_env(num_envs: int = 8, seed: int | None = None, **env_kwargs: Any) -> VecMonitor:

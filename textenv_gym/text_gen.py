@@ -10,6 +10,7 @@ import numpy as np
 from gymnasium import spaces
 
 from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, RewardFunction, SequenceBatch, TextGenConfig, validate_action
+from textenv_gym.rendering import text_frame
 
 
 def check_render_mode(render_mode: str | None, metadata: dict) -> None:
@@ -92,8 +93,9 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     - `reward_fns`: user components, name -> callable `fn(tokens, lengths)` (see Rewards; default
       none). Names may not be those of the built-in components. A component returning the wrong
       shape or non-finite values raises a `ValueError` naming it at that step.
-    - `render_mode`: `None`, `"ansi"` (`render()` returns the decoded text) or `"human"` (prints it
-      after every `reset` and `step`).
+    - `render_mode`: `None`, `"ansi"` (`render()` returns the decoded text), `"rgb_array"` (an RGB
+      image of the decoded text, `textenv_gym.rendering.FRAME_SIZE`, for video recorders) or
+      `"human"` (prints the text after every `reset` and `step`).
 
     Invalid arguments raise a `ValueError` that names the argument and what it accepts.
 
@@ -101,7 +103,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     - v0: initial version.
     """
 
-    metadata = {"render_modes": ["ansi", "human"], "render_fps": 4}
+    metadata = {"render_modes": ["ansi", "human", "rgb_array"], "render_fps": 4}
 
     def __init__(
         self,
@@ -180,10 +182,12 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         diversity = float(self._sequence.unique[0] / length) if length else 0.0
         return {"length": length, "diversity": diversity, "repeated": False, "forbidden": False}
 
-    def render(self) -> str | None:
+    def render(self) -> str | np.ndarray | None:
         text = self.tokenizer.decode(self.sequence)
         if self.render_mode == "ansi":
             return text
+        if self.render_mode == "rgb_array":
+            return text_frame(text)
         if self.render_mode == "human":
             print(text)
         return None

@@ -22,6 +22,7 @@ from textenv_gym.dynamics import (
     TextGenConfig,
     validate_actions,
 )
+from textenv_gym.rendering import text_frame
 from textenv_gym.text_gen import check_render_mode, observation_space_for
 
 
@@ -85,7 +86,7 @@ class TextGenVectorEnv(VectorEnv):
     starting sequence of every environment, also at every autoreset, until the next ``reset``.
     """
 
-    metadata = {"render_modes": ["ansi"], "autoreset_mode": AutoresetMode.NEXT_STEP}
+    metadata = {"render_modes": ["ansi", "rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
 
     def __init__(
         self,
@@ -148,8 +149,9 @@ class TextGenVectorEnv(VectorEnv):
         info = step_info(outcome, rows, self.num_envs, self.sequences)
         return self.sequences.tokens.copy(), reward, terminated, truncated, info
 
-    def render(self) -> tuple[str, ...] | None:
-        if self.render_mode != "ansi":
+    def render(self) -> tuple[str, ...] | tuple[np.ndarray, ...] | None:
+        """Each environment's text (``"ansi"``) or its frame (``"rgb_array"``), as ``SyncVectorEnv`` gives them."""
+        if self.render_mode is None:
             return None
-        decode = self.config.tokenizer.decode
-        return tuple(decode(row[:length]) for row, length in zip(self.sequences.tokens, self.sequences.lengths))
+        texts = self.sequences.texts()
+        return texts if self.render_mode == "ansi" else tuple(text_frame(text) for text in texts)
