@@ -110,3 +110,29 @@ def test_a_reward_beyond_float32_is_refused_by_the_sb3_env_but_not_by_the_float6
     scalar = gym.make("TextGen-v0", **kwargs)
     scalar.reset(seed=0)
     assert scalar.step(1)[1] == 1e300
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(vocabulary=["start", None]), r"vocabulary: every token must be a str, got \[None\]"),
+        (dict(vocabulary=["start", b"a"]), r"vocabulary: every token must be a str, got \[b'a'\]"),
+        (
+            dict(vocabulary=["start", "end\tgame"]),
+            "vocabulary: every token must be a non-empty word without whitespace",
+        ),
+        (dict(forbidden_tokens=3), "forbidden_tokens: expected a list of token ids, got 3"),
+        (dict(vocab_size=2**40), "vocab_size: expected an integer <= 1,048,576"),
+        (dict(max_length=10**9), "max_length: expected an integer <= 65,536"),
+    ],
+)
+def test_bad_settings_are_refused_before_anything_is_allocated(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gym.make("TextGen-v0", **kwargs)
+
+
+def test_a_batch_too_large_for_memory_is_refused_naming_num_envs():
+    with pytest.raises(ValueError, match="num_envs: expected an integer <= 6,710,886, got 100000000"):
+        TextGenVecEnv(100_000_000)
+    with pytest.raises(ValueError, match="num_envs"):
+        gym.make_vec("TextGen-v0", num_envs=10**8, vectorization_mode="vector_entry_point")

@@ -19,17 +19,24 @@ from textenv_gym.vocabulary import Tokenizer, default_vocabulary
 
 DEFAULT_VOCAB_SIZE = 50
 DEFAULT_MAX_LENGTH = 20
+#: Upper bounds, checked before anything is allocated: a vocabulary of 2**20 tokens is four times
+#: the largest tokenizers' in use; a batch holds at most 2**27 token ids (1 GiB as int64).
+MAX_VOCAB_SIZE = 2**20
+MAX_LENGTH = 2**16
+MAX_BATCH_TOKENS = 2**27
 #: The names of the built-in reward components, in the order they are summed.
 BUILTIN_COMPONENTS = ("diversity", "repetition", "forbidden")
 #: A user reward component: ``fn(tokens, lengths) -> array-like of shape (N,)`` (see ``TextGenEnv``).
 RewardFunction = Callable[[np.ndarray, np.ndarray], Any]
 
 
-def _require_int(name: str, value: Any, minimum: int) -> int:
+def _require_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
     if value < minimum:
         raise ValueError(f"{name}: expected an integer >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}: expected an integer <= {maximum:,}, got {value}")
     return int(value)
 
 
@@ -123,12 +130,18 @@ class TextGenConfig:
                     "pass one of them or make them agree"
                 )
             vocab_size = len(self.vocabulary)
-        vocab_size = _require_int("vocab_size", DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size, 2)
+        vocab_size = _require_int(
+            "vocab_size", DEFAULT_VOCAB_SIZE if vocab_size is None else vocab_size, 2, MAX_VOCAB_SIZE
+        )
         set_("vocab_size", vocab_size)
-        set_("max_length", _require_int("max_length", self.max_length, 1))
+        set_("max_length", _require_int("max_length", self.max_length, 1, MAX_LENGTH))
         set_("repetition_window", _require_int("repetition_window", self.repetition_window, 2))
         set_("repetition_penalty", _require_finite("repetition_penalty", self.repetition_penalty))
         set_("forbidden_penalty", _require_finite("forbidden_penalty", self.forbidden_penalty))
+        if isinstance(self.forbidden_tokens, (str, bytes)) or not isinstance(
+            self.forbidden_tokens, (Sequence, np.ndarray)
+        ):
+            raise ValueError(f"forbidden_tokens: expected a list of token ids, got {self.forbidden_tokens!r}")
         forbidden = _token_ids("forbidden_tokens", list(self.forbidden_tokens), vocab_size)
         mask = np.zeros(vocab_size, dtype=bool)
         mask[forbidden] = True
@@ -280,7 +293,7 @@ class SequenceBatch:
 
     def __init__(self, config: TextGenConfig, num_sequences: int) -> None:
         self.config = config
-        self.num_sequences = _require_int("num_envs", num_sequences, 1)
+        self.num_sequences = _require_int("num_envs", num_sequences, 1, max(1, MAX_BATCH_TOKENS // config.max_length))
         shape = (self.num_sequences, config.max_length)
         self.tokens = np.full(shape, config.pad_id, dtype=np.int64)
         self.lengths = np.zeros(self.num_sequences, dtype=np.int64)

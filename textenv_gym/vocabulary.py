@@ -77,9 +77,13 @@ class Tokenizer:
     """
 
     def __init__(self, vocabulary: Sequence[str], unknown: str = "error") -> None:
-        words = [str(word) for word in vocabulary]
-        if any(not word or word != word.strip() or " " in word for word in words):
-            raise ValueError("vocabulary: every token must be a non-empty word without whitespace")
+        words = list(vocabulary)
+        not_text = [word for word in words if not isinstance(word, str)]
+        if not_text:
+            raise ValueError(f"vocabulary: every token must be a str, got {not_text[:5]!r}")
+        spaced = [word for word in words if not word or any(character.isspace() for character in word)]
+        if spaced:
+            raise ValueError(f"vocabulary: every token must be a non-empty word without whitespace, got {spaced[:5]!r}")
         lowered = [word.lower() for word in words]
         if len(set(lowered)) != len(lowered):
             raise ValueError("vocabulary: tokens must be distinct (compared case-insensitively)")
