@@ -120,6 +120,13 @@ def test_entropy_collapse_fails():
     collapsed = context(UNIFORM, th.tensor([[20.0, 0.0, 0.0]] * 4))
     result = C.entropy_check(collapsed, 0.01)
     assert not result.passed and result.value < 0.01
+    assert result.details["before"] == pytest.approx(math.log(3)) and "1.099 -> " in result.message
+
+
+def test_an_update_that_does_not_lower_a_low_entropy_passes():
+    sharp, sharper = th.tensor([[12.0, 0.0, 0.0]] * 4), th.tensor([[20.0, 0.0, 0.0]] * 4)
+    assert C.entropy_check(context(sharper, sharp), 0.01).passed  # below the floor, but higher than before
+    assert not C.entropy_check(context(sharp, sharper), 0.01).passed  # below the floor and lower
 
 
 def test_forbidden_mass_raised_above_the_bound_fails():

@@ -547,3 +547,20 @@ def test_an_update_awaiting_judgement_survives_save_and_load(tmp_path):
     assert loaded.lr_scale == 0.5 and loaded.rollout_judgement.pending.measured == pending.measured
     assert_same_tensors(loaded.rollout_judgement.pending.before.policy, pending.before.policy)
     assert_same_tensors(loaded.rollout_judgement.pending.before.optimizer, pending.before.optimizer)
+
+
+def test_a_policy_pushed_below_the_entropy_floor_is_trained_back():
+    """The entropy check passes an update that does not lower the entropy: with the floor alone,
+    a policy that something made near-deterministic could never be updated again."""
+    model = VerifiedPPO("MlpPolicy", textgen(), ent_coef=0.5, **SMALL_PPO)
+    with th.no_grad():
+        model.policy.action_net.weight.mul_(1e4)  # finite, but the policy is all but deterministic
+        model.policy.action_net.bias.copy_(th.arange(8.0) * 1e3)
+    model.learn(6 * 64 * 2)
+    entries = model.verification_log
+    assert entries[0]["checks"]["entropy"]["value"] < model.min_entropy  # below the floor throughout
+    assert sum(entry["accepted"] for entry in entries) >= 3
+    rises = [
+        e["checks"]["entropy"]["value"] >= e["checks"]["entropy"]["details"]["before"] for e in entries if e["accepted"]
+    ]
+    assert all(rises)

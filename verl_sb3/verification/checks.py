@@ -128,10 +128,18 @@ def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
 
 
 def entropy_check(ctx: UpdateContext, min_entropy: float) -> CheckResult:
-    """Mean entropy of the new policy is at least ``min_entropy`` (nats)."""
+    """Mean entropy of the new policy is at least ``min_entropy`` (nats), or did not fall.
+
+    As for the forbidden mass, an update that does not lower the entropy always passes: a policy
+    that something pushed below the floor (scaled parameters, a bad checkpoint) can still be
+    trained back, where a floor alone would reject every update from then on.
+    """
     entropy = ctx.entropy.mean().item()
-    passed = _finite(entropy) and entropy >= min_entropy
-    return CheckResult(passed, entropy, min_entropy, f"mean policy entropy {entropy:.4g} nats")
+    old = ctx.old_distribution.entropy()
+    before = ctx.real(old).mean().item() if old is not None else math.nan
+    passed = _finite(entropy) and (entropy >= min_entropy or entropy >= before)
+    message = f"mean policy entropy {before:.4g} -> {entropy:.4g} nats"
+    return CheckResult(passed, entropy, min_entropy, message, {"before": before})
 
 
 def environment_forbidden_tokens(env: Any) -> tuple[int, ...]:
