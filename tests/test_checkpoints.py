@@ -6,6 +6,7 @@ import json
 import math
 import os
 import stat
+import time
 import zipfile
 
 import pytest
@@ -204,3 +205,19 @@ def test_a_flipped_byte_in_an_entry_names_the_entry_and_the_file(good_file, tmp_
     with pytest.raises(CheckpointError, match="entry 'policy.pth' is corrupt") as caught:
         load_checkpoint(flipped)
     assert str(flipped) in str(caught.value)
+
+
+def test_a_save_killed_mid_write_leaves_a_temporary_file_that_the_next_save_removes(trained, good_file):
+    killed = good_file.parent / f".{good_file.name}.abc123.tmp"  # what a kill -9 during a save leaves
+    killed.write_bytes(b"PK\x03\x04 half a model")
+    fresh = good_file.parent / f".{good_file.name}.def456.tmp"  # a save in progress elsewhere, just begun
+    fresh.write_bytes(b"PK")
+    old = time.time() - 3600
+    os.utime(killed, (old, old))
+    save_checkpoint(trained, good_file)
+    assert not killed.exists() and fresh.exists()
+    other = good_file.parent / ".other.zip.abc.tmp"  # another file's: not this save's to remove
+    other.write_bytes(b"")
+    os.utime(other, (old, old))
+    save_checkpoint(trained, good_file)
+    assert other.exists()

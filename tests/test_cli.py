@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from verl_sb3.app.cli import main, parse_token_ids, with_default_checkpoint
+import verl_sb3
+from verl_sb3.app.cli import build_parser, main, parse_token_ids, train_config, with_default_checkpoint
 from verl_sb3.app.config import TrainConfig
 from verl_sb3.checkpoints import load_checkpoint
 from verl_sb3.evaluation import evaluate_model
@@ -91,17 +92,18 @@ def test_options_override_the_yaml_and_defaults_stay_trainconfigs(trained):
 def test_evaluate(checkpoint, tmp_path, capsys):
     code = main(["evaluate", str(checkpoint), "--n-sequences", "30", "--seed", "1", "--output-dir", str(tmp_path)])
     stdout = capsys.readouterr().out
-    assert code == 0
     assert TABLE_HEADER in stdout and "| Figure | Value |" in stdout
     saved = json.loads((tmp_path / "evaluation.json").read_text())
     expected = evaluate_model(load_checkpoint(checkpoint), n_sequences=30, seed=1)
     assert saved["figures"] == expected
+    assert code == (0 if saved["all_passed"] else 1)  # a model of 2,048 steps misses some targets
+    assert code == 1 and "Targets not met: " in stdout
     assert f"| diversity | {expected['diversity']:.3f}".rstrip("0") in stdout
     assert (tmp_path / "evaluation.md").read_text().startswith(TABLE_HEADER)
 
 
 def test_evaluate_with_a_prompt_uses_the_prompts_optimum(checkpoint, capsys):
-    assert main(["evaluate", str(checkpoint), "--n-sequences", "5", "--prompt", "the the"]) == 0
+    assert main(["evaluate", str(checkpoint), "--n-sequences", "5", "--prompt", "the the"]) == 1  # targets missed
     stdout = capsys.readouterr().out
     assert "| optimal_return | 15.902 |" in stdout
     assert "| Return vs optimum | mean_return | >= 15.402 |" in stdout
@@ -256,7 +258,7 @@ def test_example_evaluate_uses_results_final_model(checkpoint, tmp_path):
     target.parent.mkdir(parents=True)
     shutil.copy(checkpoint, target)
     done = run_script(ROOT / "examples" / "evaluate.py", "--n-sequences", "10", cwd=tmp_path)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1 and "Targets not met" in done.stdout, done.stderr  # a model of 2,048 steps
     assert TABLE_HEADER in done.stdout
 
 
@@ -296,3 +298,24 @@ def test_example_custom_verifier(tmp_path):
     )
     assert "reloaded with MaxStateKLRecurrentPPO.load: max_kl_per_state 1e-06, 3 log entries" in done.stdout
     assert (tmp_path / "max_kl_model.zip").is_file()
+
+
+def test_version_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"verl-sb3 {verl_sb3.__version__}"
+    done = run_script("-m", "verl_sb3", "--version", cwd=ROOT)
+    assert done.returncode == 0 and done.stdout.strip() == f"verl-sb3 {verl_sb3.__version__}"
+    done = run_script("-m", "verl_sb3", "evaluate", "missing.zip", cwd=ROOT)
+    assert done.returncode == 2 and "verl-sb3 evaluate: error: checkpoint 'missing.zip': no such file" in done.stderr
+
+
+def test_threads_is_an_option_and_yaml_reads_exponents_as_numbers(tmp_path):
+    config = tmp_path / "settings.yaml"
+    config.write_text("learning_rate: 3e-4\nlearning_rate_final: 1e-5\n")
+    args = build_parser().parse_args(["train", "--config", str(config), "--threads", "1"])
+    settings = train_config(args)
+    assert (settings.learning_rate, settings.learning_rate_final, settings.threads) == (3e-4, 1e-5, 1)
+    config.write_text("total_timesteps: 1e6\n")  # a float is not silently made an integer
+    with pytest.raises(ValueError, match="total_timesteps: expected an integer >= 1, got 1000000.0"):
+        train_config(build_parser().parse_args(["train", "--config", str(config)]))

@@ -9,6 +9,7 @@ continues exactly as if it had not stopped (see its docstring for the condition)
 
 from __future__ import annotations
 
+import glob
 import importlib
 import io
 import json
@@ -16,6 +17,7 @@ import os
 import random
 import stat
 import tempfile
+import time
 import warnings
 import zipfile
 from pathlib import Path
@@ -62,6 +64,7 @@ def save_checkpoint(model: BaseAlgorithm, path: str | Path, training_state: bool
         )
         if training_state:
             archive.writestr(TRAINING_STATE_ENTRY, _training_state_bytes(model))
+    _remove_stale_temporaries(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as file:
@@ -75,6 +78,20 @@ def save_checkpoint(model: BaseAlgorithm, path: str | Path, training_state: bool
         Path(temporary).unlink(missing_ok=True)
         raise
     return path
+
+
+#: A temporary file of a save older than this (seconds) is a killed save's, removed by the next save.
+STALE_TEMPORARY_AGE = 60.0
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove what saves to ``path`` that were killed mid-write left behind (their temporary files)."""
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if time.time() - stale.stat().st_mtime > STALE_TEMPORARY_AGE:
+                stale.unlink()
+        except FileNotFoundError:  # another save just finished with it
+            pass
 
 
 def _class_name(cls: type) -> str:

@@ -6,8 +6,9 @@
     verl-sb3 evaluate CHECKPOINT [--n-sequences N] [--seed S] [--prompt TEXT] [--output-dir DIR]
     verl-sb3 generate CHECKPOINT [--prompt TEXT | --prompt-ids "1,2,3"] [--num-sequences N] ...
 
-Exit codes: 0 on success; 1 when ``train`` ends below one of the evaluation targets; 2 on a bad
-argument, a bad configuration or a missing or damaged checkpoint (a one-line message on stderr).
+Exit codes: 0 on success; 1 when ``train`` or ``evaluate`` ends below one of the evaluation
+targets; 2 on a bad argument, a bad configuration or a missing or damaged checkpoint (a one-line
+message on stderr). ``python -m verl_sb3`` is the same command.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 
 import torch as th
 
+from verl_sb3 import __version__
+
 PROG = "verl-sb3"
 
 #: ``train`` options that map one-to-one to :class:`verl_sb3.app.config.TrainConfig` fields.
@@ -35,6 +38,7 @@ TRAIN_OPTIONS = (
     "max_length",
     "forbidden_tokens",
     "output_dir",
+    "threads",
     "progress_bar",
 )
 
@@ -87,6 +91,7 @@ def parse_token_ids(text: str | Sequence[str]) -> list[int]:
 # ---------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Verified PPO for a small LSTM language model on TextGen-v0.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate}")
 
     train = commands.add_parser(
@@ -108,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="Adam learning rate at the start (it decays linearly to learning_rate_final, set in --config)",
     )
     train.add_argument("--kl-threshold", type=float, help="largest accepted mean KL(old || new) per update")
+    train.add_argument(
+        "--threads", type=_integer(1), help="torch threads (default: one per core, at most 2; 1 on a shared machine)"
+    )
     train.add_argument("--vocab-size", type=int, help="number of tokens of the environment")
     train.add_argument("--max-length", type=int, help="tokens per sequence")
     train.add_argument(
@@ -272,11 +280,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     rows = evaluation_table(figures)
     print(markdown_table(rows, figures))
     print()
-    _report_targets(rows, fail_code=0)
+    code = _report_targets(rows, fail_code=1)
     if args.output_dir is not None:
         markdown, data = save_evaluation(args.output_dir, figures, rows)
         print(f"Saved {markdown} and {data}")
-    return 0
+    return code
 
 
 def _generate(args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,18 @@ except ImportError:  # older releases: the same schedule as a closure
 
 from textenv_gym.dynamics import TextGenConfig
 from verl_sb3.verification.config import DEFAULT_KL_THRESHOLD
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``3e-4`` and ``1e6`` as floats, as YAML 1.2 does (YAML 1.1,
+    which PyYAML follows, wants a dot: ``3.0e-4``, and would give the string ``"3e-4"``)."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
 
 
 def default_threads() -> int:
@@ -152,7 +165,7 @@ class TrainConfig:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config: no such file {str(path)!r}")
-        values = yaml.safe_load(path.read_text()) or {}
+        values = yaml.load(path.read_text(), Loader=YamlLoader) or {}
         if not isinstance(values, dict):
             raise ValueError(f"config {str(path)!r}: expected a mapping of settings, got {type(values).__name__}")
         return cls.from_dict({**values, **overrides})
