@@ -6,6 +6,7 @@ import gymnasium as gym
 import pytest
 import torch as th
 from stable_baselines3 import PPO
+from stable_baselines3.common.callbacks import BaseCallback
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import CriticWarmupCallback, VerifiedPPO, VerifiedRecurrentPPO
@@ -109,3 +110,55 @@ def test_a_separate_critic_features_extractor_is_the_critics():
 def test_invalid_updates_are_rejected(updates):
     with pytest.raises(ValueError, match="updates: expected an integer >= 0"):
         CriticWarmupCallback(updates)
+
+
+class Interrupt(BaseCallback):
+    """Stands for a Ctrl-C: raises KeyboardInterrupt during the second rollout."""
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps == 2 * self.model.n_steps * self.model.n_envs:
+            raise KeyboardInterrupt
+        return True
+
+
+def test_an_interruption_during_the_warm_up_leaves_no_actor_frozen():
+    model = slm_model()
+    with pytest.raises(KeyboardInterrupt):
+        model.learn(10 * 24, callback=[CriticWarmupCallback(5), Interrupt()])
+    assert all(p.requires_grad for p in model.policy.parameters())
+    actor, _ = split(model.policy)
+    before = snapshot(actor)
+    model.learn(24, reset_num_timesteps=False)  # a later run without the warm-up trains the actor
+    assert model.critic_only is False and any(changed(before, actor))
+
+
+def test_an_error_inside_a_warm_up_update_leaves_no_actor_frozen():
+    class FailingUpdate(VerifiedRecurrentPPO):
+        def _extra_losses(self, log_prob, mask):
+            raise RuntimeError("a loss term failed")
+
+    model = FailingUpdate(
+        "SLMLstmPolicy", make_textgen_vec_env(4, seed=0, vocab_size=8, max_length=6), n_steps=6, batch_size=24, seed=0
+    )
+    with pytest.raises(RuntimeError, match="a loss term failed"):
+        model.learn(48, callback=CriticWarmupCallback(5))
+    assert all(p.requires_grad for p in model.policy.parameters())
+
+
+def test_sb3_algorithms_keep_the_actor_trainable_while_collecting():
+    class Watch(BaseCallback):
+        frozen_steps = 0
+
+        def _on_step(self) -> bool:
+            self.frozen_steps += not all(p.requires_grad for p in self.model.policy.parameters())
+            return True
+
+    watch = Watch()
+    model = PPO("MlpPolicy", "CartPole-v1", n_steps=32, batch_size=32, seed=0)
+    model.learn(4 * 32, callback=[CriticWarmupCallback(2), watch])
+    assert watch.frozen_steps == 0 and all(p.requires_grad for p in model.policy.parameters())
+
+
+def test_a_run_that_ends_inside_the_warm_up_warns():
+    with pytest.warns(UserWarning, match=r"training ended within the critic warm-up \(48 of its 120 steps\)"):
+        slm_model().learn(48, callback=CriticWarmupCallback(5))

@@ -19,6 +19,7 @@ from stable_baselines3.common.utils import explained_variance, update_learning_r
 from torch.nn import functional as F
 
 from verl_sb3.rollout import policy_kind
+from verl_sb3.warmup import actor_parameters, frozen
 
 #: The per-minibatch figures SB3's ``train()`` averages over the update.
 SB3_FIGURES = ("entropy_loss", "policy_gradient_loss", "value_loss", "clip_fraction")
@@ -42,6 +43,14 @@ def normalized_advantages(advantages: th.Tensor, mask: th.Tensor | None) -> th.T
 
 class PPOUpdateMixin:
     """PPO's ``train()`` for ``PPO`` and ``RecurrentPPO`` (put it before them in the bases)."""
+
+    #: Train only the value function in the coming update (the actor frozen for its duration):
+    #: the critic warm-up's switch, off again at the start of every ``learn()``.
+    critic_only: bool = False
+
+    def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
+        self.critic_only = False
+        return super()._setup_learn(*args, **kwargs)
 
     def train(self) -> None:
         """One PPO update on the rollout buffer; its figures go to the logger under ``train/``."""
@@ -73,6 +82,14 @@ class PPOUpdateMixin:
         clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(progress)
         kind = policy_kind(self.policy)
         history: dict[str, list[float]] = {}
+        with frozen(actor_parameters(self.policy) if self.critic_only else []):
+            loss, approx_kl_divs = self._epochs(kind, clip_range, clip_range_vf, history)
+        return self._update_summary(history, approx_kl_divs, loss, clip_range, clip_range_vf)
+
+    def _epochs(
+        self, kind: Any, clip_range: float, clip_range_vf: float | None, history: dict[str, list[float]]
+    ) -> tuple[th.Tensor, list]:
+        """The optimisation: the last minibatch's loss and the last epoch's approximate KLs."""
         continue_training = True
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
@@ -91,7 +108,7 @@ class PPOUpdateMixin:
             self._n_updates += 1
             if not continue_training:
                 break
-        return self._update_summary(history, approx_kl_divs, loss, clip_range, clip_range_vf)
+        return loss, approx_kl_divs
 
     def _minibatch_loss(
         self,

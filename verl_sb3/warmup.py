@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import warnings
+from collections.abc import Iterator
+
 from stable_baselines3.common.callbacks import BaseCallback
 from torch import nn
 
@@ -30,6 +34,25 @@ def critic_parameters(policy: nn.Module) -> list[nn.Parameter]:
     return list(found.values())
 
 
+def actor_parameters(policy: nn.Module) -> list[nn.Parameter]:
+    """Every parameter that shapes the action distribution (all but :func:`critic_parameters`)."""
+    critic = {id(p) for p in critic_parameters(policy)}
+    return [p for p in policy.parameters() if id(p) not in critic]
+
+
+@contextlib.contextmanager
+def frozen(parameters: list[nn.Parameter]) -> Iterator[None]:
+    """``requires_grad=False`` for the block, then each parameter's own flag back, whatever happens."""
+    flags = [p.requires_grad for p in parameters]
+    try:
+        for p in parameters:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(parameters, flags):
+            p.requires_grad_(flag)
+
+
 class CriticWarmupCallback(BaseCallback):
     """Freeze the policy's actor for the first ``updates`` updates of an on-policy algorithm.
 
@@ -38,10 +61,13 @@ class CriticWarmupCallback(BaseCallback):
     the critic up first, as veRL does, gives the first actor update meaningful advantages.
 
     The updates are counted in rollouts (``n_steps * n_envs`` environment steps each) from
-    ``model.num_timesteps``, so a resumed run does not warm up again. During the warm-up the actor's
-    parameters have ``requires_grad=False``: PPO's loss still trains the value function, the policy
-    and its optimizer state stay unchanged (a verified update then has KL 0). Works with
-    ``PPO``, ``RecurrentPPO`` and their verified subclasses.
+    ``model.num_timesteps``, so a resumed run does not warm up again. During the warm-up PPO's
+    loss trains the value function only; the actor and its optimizer state stay unchanged (a
+    verified update then has KL 0). With verl_sb3's update (``PPOUpdateMixin``: the verified
+    classes) the actor is frozen only while each update runs (``critic_only``), so an error or an
+    interruption cannot leave it frozen; with SB3's own algorithms its parameters keep
+    ``requires_grad=False`` from the end of a warm-up rollout until the next one starts or
+    training ends. A run that ends inside the warm-up (no actor update at all) warns.
 
     :param updates: number of critic-only updates (0: none).
     """
@@ -55,19 +81,35 @@ class CriticWarmupCallback(BaseCallback):
         return self.updates * self.model.n_steps * self.model.n_envs
 
     def _set_actor_trainable(self, trainable: bool) -> None:
-        critic = {id(p) for p in critic_parameters(self.model.policy)}
-        for parameter in self.model.policy.parameters():
-            if id(parameter) not in critic:
-                parameter.requires_grad_(trainable)
+        for parameter in actor_parameters(self.model.policy):
+            parameter.requires_grad_(trainable)
 
     def _on_rollout_end(self) -> None:
         # num_timesteps already counts the rollout that the coming train() call uses
         warming_up = self.model.num_timesteps <= self.warmup_timesteps
-        self._set_actor_trainable(not warming_up)
+        if hasattr(self.model, "critic_only"):
+            self.model.critic_only = warming_up
+        else:
+            self._set_actor_trainable(not warming_up)
         self.logger.record("train/critic_warmup", int(warming_up))
 
+    def _on_rollout_start(self) -> None:
+        if not hasattr(self.model, "critic_only"):
+            self._set_actor_trainable(True)
+
     def _on_training_end(self) -> None:
-        self._set_actor_trainable(True)
+        if hasattr(self.model, "critic_only"):
+            self.model.critic_only = False
+        else:
+            self._set_actor_trainable(True)
+        if self.updates and self.model.num_timesteps <= self.warmup_timesteps:
+            warnings.warn(
+                f"CriticWarmupCallback: training ended within the critic warm-up ({self.model.num_timesteps:,} of its "
+                f"{self.warmup_timesteps:,} steps): only the value function was trained, the policy not at all; "
+                f"train for more than {self.warmup_timesteps:,} steps or warm up for fewer updates",
+                UserWarning,
+                stacklevel=2,
+            )
 
     def _on_step(self) -> bool:
         return True
