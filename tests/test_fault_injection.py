@@ -221,23 +221,54 @@ def test_parameter_broken_before_training_is_a_clear_error():
         model.learn(ROLLOUT)
 
 
-def test_parameter_broken_during_a_rollout_is_a_clear_error():
-    """A break inside a rollout (here from a callback) makes the rollout unusable: a RuntimeError
-    naming the parameter, instead of torch's error about invalid logits."""
+class BreakDuringRollouts(BaseCallback):
+    """Makes a parameter infinite at the given steps of a rollout (``"start"``: at its start)."""
 
-    class BreakMidRollout(BaseCallback):
-        def _on_step(self) -> bool:
-            if self.num_timesteps == ROLLOUT + 4:
-                with th.no_grad():
-                    self.model.policy.action_net.embedding.weight.fill_(math.inf)
-            return True
+    def __init__(self, when) -> None:
+        super().__init__()
+        self.when, self.breaks = when, 0
 
+    def _break(self) -> None:
+        self.breaks += 1
+        with th.no_grad():
+            self.model.policy.action_net.embedding.weight.fill_(math.inf)
+
+    def _on_rollout_start(self) -> None:
+        if self.when == "start" and self.num_timesteps == ROLLOUT and not self.breaks:
+            self._break()
+
+    def _on_step(self) -> bool:
+        if (self.when == "every step" and self.num_timesteps > ROLLOUT) or self.num_timesteps == self.when:
+            self._break()
+        return True
+
+
+@pytest.mark.parametrize("when", ["start", ROLLOUT + 4], ids=["at a rollout's start", "mid-rollout"])
+def test_parameter_broken_during_a_rollout_is_restored_and_the_rollout_collected_again(when):
+    """Protection: ``_collect`` restores the last verified state and collects the rollout again."""
     policy, settings = SETTINGS[VerifiedRecurrentPPO]
     model = VerifiedRecurrentPPO(policy, make_textgen_vec_env(N_ENVS, seed=0, **ENV), **settings)
-    with pytest.raises(
-        RuntimeError, match=r"action_net.embedding.weight\) became non-finite while collecting a rollout"
+    with pytest.warns(RuntimeWarning, match=r"embedding.weight\) found while collecting a rollout.*restored"):
+        model.learn(3 * ROLLOUT, callback=BreakDuringRollouts(when))
+    log = model.verification_log
+    assert len(log) == 3 and all(entry["accepted"] for entry in log)
+    assert log[1]["recovered"] is not None and "after update 0" in log[1]["recovered"]
+    assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
+
+
+def test_parameter_broken_again_after_the_restoration_is_a_clear_error():
+    """A break that comes back in the rollout collected again: a RuntimeError naming the parameter,
+    instead of torch's error about invalid logits, and the parameters are left restored."""
+    policy, settings = SETTINGS[VerifiedRecurrentPPO]
+    model = VerifiedRecurrentPPO(policy, make_textgen_vec_env(N_ENVS, seed=0, **ENV), **settings)
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(
+            RuntimeError, match=r"action_net.embedding.weight\) became non-finite while collecting a rollout again"
+        ),
     ):
-        model.learn(3 * ROLLOUT, callback=BreakMidRollout())
+        model.learn(3 * ROLLOUT, callback=BreakDuringRollouts("every step"))
+    assert all(bool(th.isfinite(p).all()) for p in model.policy.parameters())
 
 
 # ---------------------------------------------------------------- rewards

@@ -40,23 +40,35 @@ class JudgedCollectionMixin:
         return collected
 
     def _collect(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
-        """Parameters found non-finite are first restored to the last verified state; parameters that
-        become non-finite during the collection raise a RuntimeError that says so."""
-        self._repair_non_finite("before collecting a rollout")
+        """The collection, with parameters found non-finite restored to the last verified state:
+        before it, and, when they break during it (a callback, user code), once more before the
+        rollout is collected again. Without a verified state, or when they break again, a
+        RuntimeError names them (and the last verified state, if any, is put back first)."""
+        for attempt, where in enumerate(("before collecting a rollout", "while collecting a rollout")):
+            self._repair_non_finite(where)
+            try:
+                return self._collect_recording(env, callback, rollout_buffer, n_rollout_steps)
+            except (ValueError, RuntimeError) as error:
+                bad = self._count_non_finite_parameters()
+                if not bad:
+                    raise
+                if attempt == 0 and self._last_verified is not None:
+                    continue  # restored at the start of the next attempt
+                names = ", ".join(non_finite_parameter_names(self.policy))
+                if self._last_verified is not None:
+                    self._last_verified.restore(self)
+                raise RuntimeError(
+                    f"finite_parameters: {bad} policy parameters ({names}) became non-finite while collecting a "
+                    f"rollout{' again after the last verified state was restored' if attempt else ''}, at timestep "
+                    f"{self.num_timesteps}: the rollout cannot be used"
+                ) from error
+        raise AssertionError("unreachable")
+
+    def _collect_recording(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
         recorder = LogitsRecorder(self.policy, rollout_buffer.n_envs, rollout_buffer.buffer_size)
         try:
             with recorder:
                 return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
-        except (ValueError, RuntimeError) as error:
-            bad = self._count_non_finite_parameters()
-            if bad:
-                raise RuntimeError(
-                    f"finite_parameters: {bad} policy parameters "
-                    f"({', '.join(non_finite_parameter_names(self.policy))}) "
-                    f"became non-finite while collecting a rollout, at timestep {self.num_timesteps}: the "
-                    f"rollout cannot be used"
-                ) from error
-            raise
         finally:
             self._rollout_logits = recorder.logits
 
