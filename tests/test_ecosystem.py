@@ -92,3 +92,17 @@ def test_subprocess_environments_train():
         assert len(model.verification_log) == 2
     finally:
         env.close()
+
+
+def test_tensorboard_log_writes_event_files(tmp_path):
+    model = VerifiedPPO(
+        "MlpPolicy",
+        make_textgen_vec_env(2, seed=0, **SMALL),
+        n_steps=10,
+        batch_size=20,
+        seed=0,
+        tensorboard_log=str(tmp_path),
+    )
+    model.learn(40)
+    events = list(tmp_path.rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

@@ -21,6 +21,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
 
+from textenv_gym.dynamics import TextGenConfig
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import CheckResult, VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.app.config import TrainConfig
@@ -274,3 +275,15 @@ def test_a_checkpoint_saved_before_training_resumes_as_a_fresh_start(tmp_path):
     fresh = make("recurrent")
     fresh.learn(2 * ROLLOUT)
     assert_identical(resumed, fresh)
+
+
+def test_an_environment_with_other_settings_is_refused_naming_them(tmp_path):
+    model = make("recurrent")
+    model.env_kwargs = TextGenConfig(**ENV).as_kwargs()  # as the training job records them
+    model.learn(ROLLOUT)
+    save_checkpoint(model, tmp_path / "run.zip")
+    with pytest.raises(CheckpointError, match=r"settings differ .*forbidden_tokens \[\] \(checkpoint\) against \[3\]"):
+        resume_checkpoint(tmp_path / "run.zip", env(forbidden_tokens=[3]))
+    with pytest.raises(CheckpointError, match=r"repetition_penalty -0.5 \(checkpoint\) against -2.0"):
+        resume_checkpoint(tmp_path / "run.zip", env(repetition_penalty=-2.0))
+    resume_checkpoint(tmp_path / "run.zip", env())  # the same settings resume

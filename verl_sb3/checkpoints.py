@@ -37,13 +37,16 @@ class CheckpointError(ValueError):
     """A checkpoint file that cannot be loaded: missing, truncated or corrupt."""
 
 
-def save_checkpoint(model: BaseAlgorithm, path: str | Path, training_state: bool = True) -> Path:
+def save_checkpoint(
+    model: BaseAlgorithm, path: str | Path, training_state: bool = True, extra_entries: dict[str, bytes] | None = None
+) -> Path:
     """Save ``model`` to ``path`` (``.zip`` added if missing) atomically.
 
     The model is written to a temporary file in the same folder, flushed to disk, then renamed
     over ``path``: a crash mid-save leaves any earlier file at ``path`` intact. With
     ``training_state`` (the default) the random generators' states (Python, numpy, torch, the
     model's action space) and the last LSTM states are saved too, for :func:`resume_checkpoint`.
+    ``extra_entries`` are written into the zip too (a training job's own state).
     """
     path = Path(path)
     if path.suffix != ".zip":
@@ -64,6 +67,8 @@ def save_checkpoint(model: BaseAlgorithm, path: str | Path, training_state: bool
         )
         if training_state:
             archive.writestr(TRAINING_STATE_ENTRY, _training_state_bytes(model))
+        for name, data in (extra_entries or {}).items():
+            archive.writestr(name, data)
     _remove_stale_temporaries(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -217,6 +222,7 @@ def resume_checkpoint(
                 f"checkpoint {str(path)!r}: holds no training state (random generators; written by SB3's save or "
                 "save_checkpoint(training_state=False)): it cannot be resumed exactly; load_checkpoint() it instead"
             )
+    _require_same_environment(path, model)
     problems = []
     starts, saved_obs = getattr(model, "_last_episode_starts", None), model._last_obs
     observation = model.env.reset()
@@ -237,6 +243,48 @@ def resume_checkpoint(
     model._last_obs = observation
     model._last_episode_starts = np.ones((model.env.num_envs,), dtype=bool)
     return model
+
+
+def _require_same_environment(path: Path, model: BaseAlgorithm) -> None:
+    """A CheckpointError unless the environment to resume on has the checkpointed run's settings
+    (``model.env_kwargs``, which the training job records; environments that do not say theirs,
+    through a ``config`` attribute as TextGen-v0's, are not compared)."""
+    saved = getattr(model, "env_kwargs", None)
+    try:
+        config = model.env.get_attr("config")[0]
+    except (AttributeError, IndexError):
+        return
+    if not saved or not hasattr(config, "as_kwargs"):
+        return
+    try:  # the saved settings completed with their defaults, as the environment's own are
+        saved = type(config)(**saved).as_kwargs()
+    except (TypeError, ValueError) as error:
+        raise CheckpointError(f"checkpoint {str(path)!r}: its environment settings are not valid: {error}") from None
+    current = config.as_kwargs()
+    names = {"reward_fns"}  # callables: their names are compared
+    differ = [
+        f"{name} {saved.get(name)!r} (checkpoint) against {current.get(name)!r} (environment)"
+        for name in sorted(set(saved) | set(current) - names)
+        if name not in names and _normalised(saved.get(name)) != _normalised(current.get(name))
+    ]
+    if sorted(saved.get("reward_fns") or ()) != sorted(current.get("reward_fns") or ()):
+        differ.append(
+            f"reward_fns {sorted(saved.get('reward_fns') or ())} against {sorted(current.get('reward_fns') or ())}"
+        )
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {str(path)!r}: the environment's settings differ from the checkpointed run's: "
+            f"{'; '.join(differ)}; resume on an environment built as the run's"
+        )
+
+
+def _normalised(value: Any) -> Any:
+    """Lists for tuples, as JSON gives them back."""
+    if isinstance(value, (list, tuple)):
+        return [_normalised(item) for item in value]
+    if isinstance(value, dict):
+        return {key: _normalised(item) for key, item in value.items()}
+    return value
 
 
 def _same_observation(a: Any, b: Any) -> bool:
