@@ -7,8 +7,10 @@
     verl-sb3 generate CHECKPOINT [--prompt TEXT | --prompt-ids "1,2,3"] [--num-sequences N] ...
 
 Exit codes: 0 on success; 1 when ``train`` or ``evaluate`` ends below one of the evaluation
-targets; 2 on a bad argument, a bad configuration or a missing or damaged checkpoint (a one-line
-message on stderr). ``python -m verl_sb3`` is the same command.
+targets; 2 on a bad argument, a bad configuration, a missing or damaged checkpoint, an output
+folder in use, holding another run or not writable (a one-line message on stderr); 130 when
+interrupted (``train``: after a checkpoint that ``--resume`` continues). ``python -m verl_sb3`` is
+the same command.
 """
 
 from __future__ import annotations
@@ -126,6 +128,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--output-dir", help="folder of the outputs (default: results)")
     train.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
+    job = train.add_mutually_exclusive_group()
+    job.add_argument("--overwrite", action="store_true", help="replace an earlier run's outputs in the output folder")
+    job.add_argument(
+        "--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint, with its own settings"
+    )
     train.set_defaults(handler=_train)
 
     evaluate = commands.add_parser(
@@ -204,12 +211,25 @@ def _check_buildable(config) -> None:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from verl_sb3.app.training import train
+    from verl_sb3.app.training import resume, train
 
-    config = train_config(args)
-    _check_buildable(config)
-    result = train(config)
-    output = Path(config.output_dir)
+    if getattr(args, "resume", None) is not None:
+        given = [name for name in (*TRAIN_OPTIONS, "config") if hasattr(args, name) and name != "progress_bar"]
+        if given:
+            options = [f"--{name.replace('_', '-')}" for name in given]
+            raise ValueError(f"--resume: the run goes on with its own settings (its config.yaml); leave out {options}")
+        output = Path(args.resume)
+        result = resume(output, progress_bar=getattr(args, "progress_bar", None))
+    else:
+        config = train_config(args)
+        _check_buildable(config)
+        output = Path(config.output_dir)
+        result = train(config, overwrite=getattr(args, "overwrite", False))
+    if result.get("interrupted"):
+        print(
+            f"Interrupted; the run is saved in {result['checkpoint']}: continue it with {PROG} train --resume {output}"
+        )
+        return 130
     checkpoints = output / "model_checkpoints"
     periodic = sorted(checkpoints.glob("model_*_steps.zip"))
     saved = [name for name in ("final_model.zip", "best_model.zip") if (checkpoints / name).is_file()]
@@ -365,7 +385,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     prog = f"{PROG} {args.command}"
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, CheckpointError) as error:
+    except (ValueError, OSError, CheckpointError) as error:  # JobError is a ValueError
         print(f"{prog}: error: {_one_line(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

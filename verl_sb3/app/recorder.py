@@ -1,8 +1,10 @@
-"""The training job's recorder: episode returns, one CSV row per update, periodic evaluations and checkpoints."""
+"""The training job's recorder: episode returns, one CSV row per update, periodic evaluations and
+checkpoints, progress lines, and the state a resumed job continues from."""
 
 from __future__ import annotations
 
 import csv
+import json
 import math
 import time
 from pathlib import Path
@@ -12,14 +14,27 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
 from verl_sb3.app.config import TrainConfig
+from verl_sb3.app.job import JOB_STATE_ENTRY
 from verl_sb3.checkpoints import save_checkpoint
 from verl_sb3.evaluation import evaluate_model
+
+#: Seconds between two progress lines (and one at every evaluation).
+PROGRESS_SECONDS = 30.0
 
 
 class TrainingRecorder(BaseCallback):
     """Collects episode returns, writes one CSV row per update, evaluates and checkpoints.
 
     Runs between rollouts, right after each update, when the figures of that update are final.
+    Each periodic checkpoint holds the recorder's state (:meth:`state`), so that a job resumed
+    from it (:meth:`resumed`) writes what the uninterrupted job would have written. With
+    ``progress_lines`` it prints a line every :data:`PROGRESS_SECONDS` and at each evaluation
+    (for logs, where no progress bar shows). :meth:`request_stop` ends training at the next
+    rollout boundary, after a resumable checkpoint (``stopped_at``).
+
+    :param config: the job's settings.
+    :param output: the job's folder.
+    :param progress_lines: print progress lines.
     """
 
     COLUMNS = (
@@ -43,24 +58,70 @@ class TrainingRecorder(BaseCallback):
         "wall_time",
     )
 
-    def __init__(self, config: TrainConfig, output: Path) -> None:
+    def __init__(self, config: TrainConfig, output: Path, progress_lines: bool = False) -> None:
         super().__init__()
         self.config = config
         self.output = output
+        self.progress_lines = progress_lines
         self.episode_timesteps: list[int] = []
         self.episode_returns: list[float] = []
         self.updates: list[dict[str, Any]] = []
         self.evaluations: list[dict[str, float]] = []
         self.best_return = -math.inf
+        self.stopped_at: Path | None = None
         self._next_eval = config.eval_freq
         self._next_checkpoint = config.checkpoint_freq
         self._recent: list[float] = []
         self._start = time.perf_counter()
+        self._last_progress = self._start
+        self._stop_requested = False
 
+    # ------------------------------------------------------------------ state, for resuming
+    def state(self) -> dict[str, Any]:
+        """Everything the recorder has gathered, as JSON-friendly values."""
+        return {
+            "format": 1,
+            "config": self.config.as_dict(),
+            "episode_timesteps": self.episode_timesteps,
+            "episode_returns": self.episode_returns,
+            "updates": self.updates,
+            "evaluations": self.evaluations,
+            "best_return": self.best_return,
+            "next_eval": self._next_eval,
+            "next_checkpoint": self._next_checkpoint,
+            "recent": self._recent,
+            "wall_time": self.elapsed,
+        }
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the job started (a resumed job's earlier part included)."""
+        return time.perf_counter() - self._start
+
+    @classmethod
+    def resumed(
+        cls, config: TrainConfig, output: Path, state: dict[str, Any], progress_lines: bool = False
+    ) -> TrainingRecorder:
+        """A recorder that goes on from ``state`` (its CSV rewritten from it when training starts)."""
+        recorder = cls(config, output, progress_lines)
+        recorder.episode_timesteps, recorder.episode_returns = state["episode_timesteps"], state["episode_returns"]
+        recorder.updates, recorder.evaluations = state["updates"], state["evaluations"]
+        recorder.best_return, recorder._recent = state["best_return"], state["recent"]
+        recorder._next_eval, recorder._next_checkpoint = state["next_eval"], state["next_checkpoint"]
+        recorder._start = recorder._last_progress = time.perf_counter() - state["wall_time"]
+        return recorder
+
+    def request_stop(self) -> None:
+        """End training at the next rollout boundary, after writing a checkpoint there."""
+        self._stop_requested = True
+
+    # ------------------------------------------------------------------ SB3's callback hooks
     def _on_training_start(self) -> None:
         self._csv_file = open(self.output / "updates.csv", "w", newline="")  # noqa: SIM115 - open for the whole run
         self._csv = csv.DictWriter(self._csv_file, fieldnames=self.COLUMNS)
         self._csv.writeheader()
+        self._csv.writerows(self.updates)  # a resumed job's rows so far
+        self._csv_file.flush()
 
     def _on_step(self) -> bool:
         for info in self.locals["infos"]:
@@ -69,25 +130,39 @@ class TrainingRecorder(BaseCallback):
                 self.episode_timesteps.append(self.num_timesteps)
                 self.episode_returns.append(float(episode["r"]))
                 self._recent.append(float(episode["r"]))
-        return True
+        return self.stopped_at is None
 
     def _on_rollout_start(self) -> None:
         self._record_update()
-        if self.num_timesteps >= self._next_eval:
+        evaluated = self.num_timesteps >= self._next_eval
+        if evaluated:
             self._next_eval += self.config.eval_freq
             self._evaluate()
-        if self.num_timesteps >= self._next_checkpoint:
-            self._next_checkpoint += self.config.checkpoint_freq
-            save_checkpoint(self.model, self.output / "model_checkpoints" / f"model_{self.num_timesteps}_steps.zip")
+        checkpoint = None
+        if self.num_timesteps >= self._next_checkpoint or (self._stop_requested and self.stopped_at is None):
+            if self.num_timesteps >= self._next_checkpoint:
+                self._next_checkpoint += self.config.checkpoint_freq
+            checkpoint = self._save_periodic()
+        if self._stop_requested and self.stopped_at is None:
+            self.stopped_at = checkpoint
+        if self.progress_lines and (evaluated or time.perf_counter() - self._last_progress >= PROGRESS_SECONDS):
+            self._print_progress()
 
     def _on_training_end(self) -> None:
         self._record_update()
         self.close()
+        if self.progress_lines:
+            self._print_progress()
 
     def close(self) -> None:
         """Close the per-update CSV (idempotent)."""
         if getattr(self, "_csv_file", None) is not None and not self._csv_file.closed:
             self._csv_file.close()
+
+    # ------------------------------------------------------------------ the records
+    def _save_periodic(self) -> Path:
+        path = self.output / "model_checkpoints" / f"model_{self.num_timesteps}_steps.zip"
+        return save_checkpoint(self.model, path, extra_entries={JOB_STATE_ENTRY: json.dumps(self.state()).encode()})
 
     def _record_update(self) -> None:
         log = self.model.verification_log
@@ -130,3 +205,20 @@ class TrainingRecorder(BaseCallback):
         if figures["mean_return"] > self.best_return:
             self.best_return = figures["mean_return"]
             save_checkpoint(self.model, self.output / "model_checkpoints" / "best_model.zip")
+
+    def _print_progress(self) -> None:
+        self._last_progress = now = time.perf_counter()
+        total, steps = self.config.total_timesteps, self.num_timesteps
+        reward = self.updates[-1]["mean_episode_reward"] if self.updates else math.nan
+        line = (
+            f"verl-sb3: {steps:,} / {total:,} steps ({steps / total:.0%}), {now - self._start:.0f} s; "
+            f"mean episode return {reward:.3f}; {len(self.updates)} updates, "
+            f"{self.model.verification_rate:.1%} accepted at the full step, {self.model.n_undone} undone"
+        )
+        if self.evaluations and self.evaluations[-1]["timesteps"] == steps:
+            last = self.evaluations[-1]
+            line += (
+                f"; evaluation: return {last['mean_return']:.3f}, repetition {last['repetition_rate']:.1%}, "
+                f"entropy {last['entropy']:.2f}"
+            )
+        print(line, flush=True)

@@ -1,0 +1,104 @@
+"""The training job's output folder: one job at a time, an earlier run never silently replaced.
+
+A job holds an exclusive lock on ``<folder>/.verl-sb3.lock`` while it runs (a second job into the
+same folder is refused). A folder that holds an earlier run's outputs is refused unless the job
+replaces them (``--overwrite``, which removes only what a run writes) or continues them
+(``--resume``, from the newest complete checkpoint).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import re
+import shutil
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from verl_sb3.checkpoints import TRAINING_STATE_ENTRY
+
+LOCK_NAME = ".verl-sb3.lock"
+#: What a run writes into its folder, and so what ``--overwrite`` removes.
+OUTPUTS = (
+    "config.yaml",
+    "updates.csv",
+    "evaluations.json",
+    "evaluation.md",
+    "evaluation.json",
+    "training_curves.png",
+    "logs",
+    "model_checkpoints",
+)
+#: The zip entry of a periodic checkpoint that holds the job's own state (its recorder's).
+JOB_STATE_ENTRY = "verl_sb3_job.json"
+_PERIODIC = re.compile(r"^model_(\d+)_steps\.zip$")
+
+
+class JobError(ValueError):
+    """A training job that cannot start: its folder is in use, holds another run, or cannot be resumed."""
+
+
+@contextlib.contextmanager
+def owned_folder(folder: str | Path, overwrite: bool = False, resume: bool = False) -> Iterator[Path]:
+    """The job's output folder, created if needed and locked for the block.
+
+    :raises JobError: when another job holds the folder, or when it holds an earlier run and
+        neither ``overwrite`` (remove that run's outputs) nor ``resume`` (continue it) is given.
+    :raises OSError: when the folder cannot be created or written (a file, read-only, full).
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / LOCK_NAME, "a") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise JobError(
+                f"output_dir {str(folder)!r}: in use by another training job (it holds {LOCK_NAME})"
+            ) from None
+        try:
+            used = [name for name in OUTPUTS if (folder / name).exists()]
+            if resume and not used:
+                raise JobError(f"--resume {str(folder)!r}: holds no run to resume")
+            if used and not resume:
+                if not overwrite:
+                    raise JobError(
+                        f"output_dir {str(folder)!r}: holds an earlier run ({', '.join(used)}); pass --overwrite to "
+                        f"replace it, or --resume {folder} to continue it"
+                    )
+                for name in used:
+                    _remove(folder / name)
+            yield folder
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+
+
+def newest_checkpoint(folder: str | Path) -> Path:
+    """The periodic checkpoint of ``folder``'s run with the most steps that is complete: a whole zip
+    holding the training and the job state (a save killed mid-write leaves only its earlier ones).
+
+    :raises JobError: when there is none.
+    """
+    folder = Path(folder)
+    checkpoints = folder / "model_checkpoints"
+    found = [(int(m.group(1)), p) for p in checkpoints.glob("model_*_steps.zip") if (m := _PERIODIC.match(p.name))]
+    for _, path in sorted(found, reverse=True):
+        if _complete(path):
+            return path
+    raise JobError(f"--resume {str(folder)!r}: no complete periodic checkpoint in {checkpoints} to resume from")
+
+
+def _complete(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            return {JOB_STATE_ENTRY, TRAINING_STATE_ENTRY, "data"} <= names and archive.testzip() is None
+    except (OSError, zipfile.BadZipFile):
+        return False
