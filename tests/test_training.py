@@ -87,8 +87,8 @@ def test_dashboard_is_a_real_png(run):
     _, output, _ = run
     path = output / "training_curves.png"
     width, height = png_size(path)
-    assert (width, height) == (1430, 935)  # 13 x 8.5 inches at 110 dpi
-    assert path.stat().st_size > 30_000  # four plots with data, not a blank image
+    assert (width, height) == (1300, 1200)  # 13 x 12 inches at 100 dpi
+    assert path.stat().st_size > 30_000  # six plots with data, not a blank image
 
 
 def test_updates_csv_has_one_row_per_update(run):
@@ -262,7 +262,7 @@ def test_config_from_yaml(tmp_path):
 
 def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
     path = plot_dashboard([], [], [], tmp_path / "empty.png")
-    assert png_size(path) == (1430, 935)
+    assert png_size(path) == (1300, 1200)
     updates = [
         dict(
             timesteps=10,
@@ -275,7 +275,7 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
         )
     ]
     path = plot_dashboard([5, 10], [-3.0, -1.0], updates, tmp_path / "negative.png", optimum=0.0, random_baseline=-2.0)
-    assert png_size(path) == (1430, 935)
+    assert png_size(path) == (1300, 1200)
 
 
 @pytest.mark.parametrize(
@@ -307,3 +307,25 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
 def test_more_train_config_errors_name_the_field(settings, name):
     with pytest.raises(ValueError, match=name):
         TrainConfig(**settings)
+
+
+def test_the_loss_panel_stays_readable_after_a_spike_and_the_panels_show_their_bars():
+    import matplotlib.pyplot as plt
+
+    from verl_sb3.app import dashboard
+
+    updates = [dict(timesteps=t, loss=1000.0 if t == 1 else 0.1 + 0.01 * (t % 3), accepted=1, backtracks=0,
+                    rolled_back=0, entropy=2.0 + 0.01 * t, kl=0.01) for t in range(1, 60)]  # fmt: skip
+    figure, (losses, entropy) = plt.subplots(1, 2)
+    dashboard._plot_losses(losses, updates)
+    assert losses.get_ylim()[1] < 1.0 and "the first updates' off the chart" in losses.get_title()
+    dashboard._plot_update_figure(entropy, updates, "entropy", "Policy entropy", "mean entropy", 2.3, "target")
+    assert [line.get_label() for line in entropy.get_lines()] == ["mean entropy", "target 2.3"]
+    assert entropy.get_lines()[1].get_ydata()[0] == 2.3
+    evaluations = [dict(timesteps=100 * i, mean_return=18.0 + i, repetition_rate=0.01 / i) for i in range(1, 4)]
+    figure, ax = plt.subplots()
+    dashboard._plot_evaluations(ax, evaluations, 20.0, 18.24, 0.00705)
+    labels = [line.get_label() for axis in figure.axes for line in axis.get_lines()]
+    assert labels == ["mean return", "optimum 20", "random policy's return 18.24", "repetition",
+                      "random policy's repetition 0.70%"]  # fmt: skip
+    plt.close("all")

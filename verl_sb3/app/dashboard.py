@@ -36,22 +36,64 @@ def plot_dashboard(
     path: str | Path,
     optimum: float | None = None,
     random_baseline: float | None = None,
+    evaluations: Sequence[dict] = (),
+    target_entropy: float | None = None,
+    kl_threshold: float | None = None,
+    random_repetition: float | None = None,
 ) -> Path:
-    """Episode rewards (raw and moving average), training loss, verification rate, and the reward
-    distribution early against late in training; saved to ``path``."""
+    """The training dashboard, saved to ``path``: episode rewards (raw and moving average), the
+    periodic evaluations (return and repetition, against the uniform random policy's), policy
+    entropy (with its target), the exact KL of each update (with its threshold), the training
+    loss and the verification rate, and the reward distribution early against late in training."""
     path = Path(path)
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    ax_reward, ax_loss, ax_rate, ax_hist = axes.flat
+    fig, axes = plt.subplots(3, 2, figsize=(13, 12))
+    (ax_reward, ax_eval), (ax_entropy, ax_kl), (ax_loss, ax_rate) = axes
     returns = np.asarray(episode_returns, dtype=float)
     _plot_rewards(ax_reward, np.asarray(episode_timesteps, dtype=float), returns, optimum, random_baseline)
+    _plot_evaluations(ax_eval, evaluations, optimum, random_baseline, random_repetition)
+    _plot_update_figure(
+        ax_entropy, updates, "entropy", "Policy entropy (nats)", "mean entropy", target_entropy, "target"
+    )
+    _plot_update_figure(ax_kl, updates, "kl", "KL of each update", "exact KL(old || new)", kl_threshold, "threshold")
     _plot_losses(ax_loss, updates)
     _plot_verification(ax_rate, updates)
-    _plot_distribution(ax_hist, returns, optimum)
+    _plot_distribution(ax_rate.inset_axes([0.07, 0.3, 0.4, 0.45]), returns, optimum)  # the rate's panel is mostly empty
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _plot_evaluations(ax, evaluations: Sequence[dict], optimum, random_baseline, random_repetition) -> None:
+    steps = [e["timesteps"] for e in evaluations]
+    ax.plot(steps, [e["mean_return"] for e in evaluations], "o-", color="tab:blue", ms=3, label="mean return")
+    if optimum is not None:
+        ax.axhline(optimum, color="tab:green", ls="--", lw=1, label=f"optimum {optimum:g}")
+    if random_baseline is not None:
+        ax.axhline(random_baseline, color="tab:blue", ls=":", lw=1, label=f"random policy's return {random_baseline:g}")
+    ax.set(title="Periodic evaluations", xlabel="timesteps", ylabel="mean return")
+    twin = ax.twinx()
+    twin.plot(steps, [100 * e["repetition_rate"] for e in evaluations], "s-", color="tab:red", ms=3, label="repetition")
+    if random_repetition is not None:
+        twin.axhline(100 * random_repetition, color="tab:red", ls=":", lw=1,
+                     label=f"random policy's repetition {random_repetition:.2%}")  # fmt: skip
+    twin.set_ylabel("repetition (% of sequences)", color="tab:red")
+    twin.set_ylim(bottom=0)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    if handles:
+        ax.legend(handles=handles, loc="center right", fontsize=8)
+
+
+def _plot_update_figure(
+    ax, updates: Sequence[dict], key: str, title: str, label: str, line: float | None, line_name: str
+) -> None:
+    steps = [u["timesteps"] for u in updates]
+    ax.plot(steps, [u.get(key, np.nan) for u in updates], lw=1.2, color="tab:purple", label=label)
+    if line is not None:
+        ax.axhline(line, color="gray", ls="--", lw=1, label=f"{line_name} {line:g}")
+    ax.set(title=title, xlabel="timesteps")
+    _legend(ax, fontsize=8)
 
 
 def _plot_rewards(
@@ -79,15 +121,26 @@ def _plot_rewards(
 
 def _plot_losses(ax, updates: Sequence[dict]) -> None:
     update_steps = [u["timesteps"] for u in updates]
+    shown = []
     for key, label in (
         ("loss", "total loss"),
         ("value_loss", "value loss"),
         ("policy_gradient_loss", "policy-gradient loss"),
     ):
-        values = [u.get(key, np.nan) for u in updates]
+        values = np.asarray([u.get(key, np.nan) for u in updates], dtype=float)
         if np.isfinite(values).any():
             ax.plot(update_steps, values, lw=1.2, label=label)
-    ax.set(title="Training loss (accepted updates)", xlabel="timesteps", ylabel="loss")
+            shown.append(values[np.isfinite(values)])
+    title = "Training loss (accepted updates)"
+    if shown:  # the first updates' losses (an untrained critic's) would flatten the rest: the range of the others
+        later = np.concatenate([values[len(values) // 10 + 1 :] for values in shown])
+        if len(later):
+            low, high = later.min(), later.max()
+            margin = 0.1 * (high - low) or 0.1
+            ax.set_ylim(low - margin, high + margin)
+            if any(values.min() < low - margin or values.max() > high + margin for values in shown):
+                title += ", the first updates' off the chart"
+    ax.set(title=title, xlabel="timesteps", ylabel="loss")
     _legend(ax, fontsize=8)
 
 
@@ -114,8 +167,11 @@ def _plot_distribution(ax, returns: np.ndarray, optimum: float | None) -> None:
     tenth = max(1, len(returns) // 10)
     early, late = returns[:tenth], returns[-tenth:]
     if len(returns):
-        bins = np.linspace(min(returns.min(), 0), max(returns.max(), optimum if optimum is not None else 0) + 1e-9, 40)
+        low = np.percentile(returns, 1)
+        high = max(returns.max(), optimum if optimum is not None else returns.max()) + 1e-9
+        bins = np.linspace(low, high, 30)
         ax.hist(early, bins=bins, alpha=0.6, color="tab:red", label=f"first 10 % (mean {early.mean():.2f})")
         ax.hist(late, bins=bins, alpha=0.6, color="tab:green", label=f"last 10 % (mean {late.mean():.2f})")
-    ax.set(title="Reward distribution, early vs late", xlabel="episode return", ylabel="episodes")
-    _legend(ax, fontsize=8)
+    ax.set_title("Episode returns, early vs late", fontsize=8)
+    ax.tick_params(labelsize=7)
+    _legend(ax, fontsize=7)

@@ -30,7 +30,13 @@ from verl_sb3.app.config import TrainConfig
 from verl_sb3.app.dashboard import plot_dashboard
 from verl_sb3.app.job import JOB_STATE_ENTRY, JobError, newest_checkpoint, owned_folder
 from verl_sb3.app.recorder import TrainingRecorder
-from verl_sb3.app.targets import RANDOM_POLICY_RETURN, evaluation_table, markdown_table, save_evaluation
+from verl_sb3.app.targets import (
+    RANDOM_POLICY_REPETITION,
+    RANDOM_POLICY_RETURN,
+    evaluation_table,
+    markdown_table,
+    save_evaluation,
+)
 from verl_sb3.checkpoints import resume_checkpoint, save_checkpoint
 from verl_sb3.evaluation import evaluate_model
 from verl_sb3.verified import VerifiedRecurrentPPO
@@ -163,6 +169,10 @@ def _run(
         output / "training_curves.png",
         optimum=figures["optimal_return"],
         random_baseline=RANDOM_POLICY_RETURN if default_task else None,
+        evaluations=recorder.evaluations,
+        target_entropy=config.target_entropy,
+        kl_threshold=config.kl_threshold,
+        random_repetition=RANDOM_POLICY_REPETITION if default_task else None,
     )
     (output / "evaluations.json").write_text(json.dumps(recorder.evaluations, indent=2))
     return {"figures": figures, "rows": rows, "table": markdown_table(rows), "model": model, "recorder": recorder}
