@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from verl_sb3.checkpoints import save_checkpoint
+from verl_sb3.checkpoints import UntrustedCheckpointError, load_checkpoint, save_checkpoint
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -73,7 +73,11 @@ def test_readme_verification_evaluation_and_generation_snippets_run(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     model = run(block_with("no_token_dominates"))["model"]
     assert len(model.verification_log) > 0 and "no_token_dominates" in model.verification_log[-1]["checks"]
-    save_checkpoint(model, tmp_path / "results" / "model_checkpoints" / "final_model.zip")
+    path = save_checkpoint(model, tmp_path / "results" / "model_checkpoints" / "final_model.zip")
+    with pytest.raises(UntrustedCheckpointError, match="entry 'checks'"):  # its own check, a function
+        load_checkpoint(path)
+    model.checks = []
+    save_checkpoint(model, path)
     capsys.readouterr()
     run(block_with("load_checkpoint("))  # evaluation and generation, on that checkpoint
     printed = capsys.readouterr().out

@@ -409,7 +409,7 @@ def test_default_as_kwargs_stay_json_serialisable():
 def test_saved_model_keeps_its_user_components(tmp_path):
     from stable_baselines3 import PPO
 
-    from verl_sb3.checkpoints import load_checkpoint, save_checkpoint
+    from verl_sb3.checkpoints import UntrustedCheckpointError, load_checkpoint, save_checkpoint
     from verl_sb3.generation import textgen_config
 
     config = TextGenConfig(
@@ -417,8 +417,12 @@ def test_saved_model_keeps_its_user_components(tmp_path):
     )
     model = PPO("MlpPolicy", make_textgen_vec_env(2, seed=0, **config.as_kwargs()), n_steps=4, batch_size=8)
     model.env_kwargs = config.as_kwargs()
-    loaded = load_checkpoint(save_checkpoint(model, tmp_path / "model.zip"))
-    assert textgen_config(loaded) == config
+    path = save_checkpoint(model, tmp_path / "model.zip")
+    with pytest.raises(
+        UntrustedCheckpointError, match="entry 'env_kwargs' needs test_reward_components.newest_is_even"
+    ):
+        load_checkpoint(path)  # the components are functions, saved by name: loading them needs trust
+    assert textgen_config(load_checkpoint(path, trusted=True)) == config
 
 
 # --------------------------------------------------------------------------------------------

@@ -327,5 +327,9 @@ def test_the_loss_panel_stays_readable_after_a_spike_and_the_panels_show_their_b
     dashboard._plot_evaluations(ax, evaluations, 20.0, 18.24, 0.00705)
     labels = [line.get_label() for axis in figure.axes for line in axis.get_lines()]
     assert labels == ["mean return", "optimum 20", "random policy's return 18.24", "repetition",
-                      "random policy's repetition 0.70%"]  # fmt: skip
+                      "random policy's repetition 0.705%"]  # fmt: skip
+    assert figure.axes[1].get_ylim()[1] > 100 * 0.01  # the highest repetition shows
+    figure, ax = plt.subplots()
+    dashboard._plot_evaluations(ax, [{**e, "repetition_rate": 0.0} for e in evaluations], 20.0, 18.24, 0.00705)
+    assert figure.axes[1].get_ylim()[1] > 1.2 * 0.705  # the random policy's line stays below the optimum's
     plt.close("all")

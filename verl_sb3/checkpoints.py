@@ -10,7 +10,6 @@ continues exactly as if it had not stopped (see its docstring for the condition)
 from __future__ import annotations
 
 import glob
-import importlib
 import io
 import json
 import os
@@ -27,14 +26,21 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from verl_sb3.trust import (
+    ALGORITHM_PACKAGES,
+    CheckpointError,
+    SafeLoadMixin,
+    UntrustedCheckpointError,
+    algorithm_class,
+    safe_custom_objects,
+)
+
+__all__ = ["CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "resume_checkpoint", "save_checkpoint"]
+
 #: Extra entry in the SB3 zip naming the algorithm class (SB3's loader ignores non-.pth entries).
 METADATA_ENTRY = "verl_sb3.json"
 #: Extra entry holding what resuming needs besides SB3's save: random generators, last LSTM states.
 TRAINING_STATE_ENTRY = "verl_sb3_training_state.npz"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that cannot be loaded: missing, truncated or corrupt."""
 
 
 def save_checkpoint(
@@ -103,38 +109,35 @@ def _class_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def _import_class(name: str) -> Any:
-    module, _, qualname = name.partition(":")
-    cls: Any = importlib.import_module(module)
-    for part in qualname.split("."):
-        cls = getattr(cls, part)
-    return cls
+def _algorithm_class(archive: zipfile.ZipFile, path: Path, trusted: bool) -> type[BaseAlgorithm]:
+    """The class recorded in the checkpoint, else its first base class that can be had (with a warning)."""
+    if METADATA_ENTRY not in archive.namelist():
+        from verl_sb3.verified import VerifiedRecurrentPPO
 
-
-def _algorithm_class(path: Path) -> type[BaseAlgorithm]:
-    """The class recorded in the checkpoint, else its first importable algorithm base class (with a warning)."""
-    with zipfile.ZipFile(path) as archive:
-        if METADATA_ENTRY not in archive.namelist():
-            from verl_sb3.verified import VerifiedRecurrentPPO
-
-            return VerifiedRecurrentPPO
-        metadata = json.loads(archive.read(METADATA_ENTRY))
+        return VerifiedRecurrentPPO
+    metadata = json.loads(archive.read(METADATA_ENTRY))
     name = metadata["algorithm"]
-    try:
-        return _import_class(name)
-    except (ImportError, AttributeError) as error:
-        for base in metadata.get("bases", []):
-            try:
-                cls = _import_class(base)
-            except (ImportError, AttributeError):
-                continue
+    found = algorithm_class(name, trusted)
+    if found is not None:
+        return found
+    why = "cannot be imported" + (
+        ""
+        if trusted
+        else f" (from a file not trusted: only from {', '.join(ALGORITHM_PACKAGES)} or a module already imported)"
+    )
+    for base in metadata.get("bases", []):
+        cls = algorithm_class(base, trusted)
+        if cls is not None:
             warnings.warn(
-                f"checkpoint {str(path)!r}: class {name!r} cannot be imported ({error}); loaded as {base!r}. "
-                "Import the module that defines it, or pass cls=, to load it as its own class.",
+                f"checkpoint {str(path)!r}: class {name!r} {why}; loaded as {base!r}. Import the module that "
+                "defines it first, or pass cls=, to load it as its own class.",
                 stacklevel=3,
             )
             return cls
-        raise
+    raise (CheckpointError if trusted else UntrustedCheckpointError)(
+        f"checkpoint {str(path)!r}: class {name!r} {why}, nor any of its base classes; pass cls="
+        + ("" if trusted else " (or trusted=True if you trust the file)")
+    )
 
 
 def load_checkpoint(
@@ -142,6 +145,7 @@ def load_checkpoint(
     env: Any = None,
     cls: type[BaseAlgorithm] | None = None,
     restore_training_state: bool = True,
+    trusted: bool = False,
     **kwargs: Any,
 ) -> BaseAlgorithm:
     """Load a checkpoint written by :func:`save_checkpoint` (or SB3's ``save``).
@@ -152,32 +156,32 @@ def load_checkpoint(
     :param restore_training_state: put back the random generators' states (global: Python's,
         numpy's and torch's) and the last LSTM states saved with the checkpoint, when it has them.
         SB3's ``load`` itself reseeds the global generators with the model's seed.
+    :param trusted: load the file's pickles as SB3 does, which can run any code they name: only
+        for files you trust. By default only the classes of :data:`verl_sb3.trust.ALLOWED` are
+        built, and the recorded class is imported only from verl_sb3, SB3 and sb3-contrib.
     :param kwargs: passed to the class's ``load``.
-    :raises CheckpointError: naming the file when it is missing, truncated or corrupt.
+    :raises CheckpointError: naming the file when it is missing, truncated or corrupt;
+        :class:`UntrustedCheckpointError` when it needs more than the allowed classes to load.
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r}: no such file")
     try:
-        if not zipfile.is_zipfile(path):
+        data = path.read_bytes()  # read once: what is checked is what is loaded
+        if not zipfile.is_zipfile(io.BytesIO(data)):
             raise CheckpointError(f"checkpoint {str(path)!r}: not a zip archive (truncated or corrupt file)")
-        with zipfile.ZipFile(path) as archive:
-            # A truncated checkpoint can still end with a zip directory: that of a torch file (itself a
-            # zip) stored inside it. Its entries then do not start at the beginning of the file.
-            if not archive.infolist() or min(info.header_offset for info in archive.infolist()) != 0:
-                raise CheckpointError(
-                    f"checkpoint {str(path)!r}: not a complete zip archive (truncated or corrupt file)"
-                )
-            damaged = archive.testzip()
-            if damaged is not None:
-                raise CheckpointError(f"checkpoint {str(path)!r}: entry {damaged!r} is corrupt")
-            if "data" not in archive.namelist():
-                raise CheckpointError(f"checkpoint {str(path)!r}: not a Stable-Baselines3 model (no 'data' entry)")
-        model = (cls or _algorithm_class(path)).load(path, env=env, **kwargs)
-        if restore_training_state:
-            with zipfile.ZipFile(path) as archive:
-                if TRAINING_STATE_ENTRY in archive.namelist():
-                    _restore_training_state(model, archive.read(TRAINING_STATE_ENTRY), path)
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            _require_complete(archive, path)
+            cls = cls or _algorithm_class(archive, path, trusted)
+            state = archive.read(TRAINING_STATE_ENTRY) if TRAINING_STATE_ENTRY in archive.namelist() else None
+        if not trusted:
+            given = kwargs.get("custom_objects")
+            kwargs["custom_objects"] = {**safe_custom_objects(io.BytesIO(data), given, str(path)), **(given or {})}
+        if issubclass(cls, SafeLoadMixin):
+            kwargs["trusted"] = True  # its pickles are already rebuilt (or trusted)
+        model = cls.load(io.BytesIO(data), env=env, **kwargs)
+        if restore_training_state and state is not None:
+            _restore_training_state(model, state, path)
         return model
     except CheckpointError:
         raise
@@ -187,8 +191,25 @@ def load_checkpoint(
         ) from error
 
 
+def _require_complete(archive: zipfile.ZipFile, path: Path) -> None:
+    # A truncated checkpoint can still end with a zip directory: that of a torch file (itself a
+    # zip) stored inside it. Its entries then do not start at the beginning of the file.
+    if not archive.infolist() or min(info.header_offset for info in archive.infolist()) != 0:
+        raise CheckpointError(f"checkpoint {str(path)!r}: not a complete zip archive (truncated or corrupt file)")
+    damaged = archive.testzip()
+    if damaged is not None:
+        raise CheckpointError(f"checkpoint {str(path)!r}: entry {damaged!r} is corrupt")
+    if "data" not in archive.namelist():
+        raise CheckpointError(f"checkpoint {str(path)!r}: not a Stable-Baselines3 model (no 'data' entry)")
+
+
 def resume_checkpoint(
-    path: str | Path, env: Any, cls: type[BaseAlgorithm] | None = None, exact: bool = True, **kwargs: Any
+    path: str | Path,
+    env: Any,
+    cls: type[BaseAlgorithm] | None = None,
+    exact: bool = True,
+    trusted: bool = False,
+    **kwargs: Any,
 ) -> BaseAlgorithm:
     """Load a checkpoint to train on, as if training had not stopped.
 
@@ -211,11 +232,12 @@ def resume_checkpoint(
     :param cls: the algorithm class; by default the one recorded in the checkpoint.
     :param exact: when False, a checkpoint taken mid-episode or an environment that starts
         differently only warns: training goes on from freshly reset environments.
+    :param trusted: as for :func:`load_checkpoint`.
     :raises CheckpointError: naming the file when it cannot be loaded, holds no training state,
         or (with ``exact``) cannot be resumed exactly.
     """
     path = Path(path)
-    model = load_checkpoint(path, env=env, cls=cls, force_reset=False, **kwargs)
+    model = load_checkpoint(path, env=env, cls=cls, trusted=trusted, force_reset=False, **kwargs)
     with zipfile.ZipFile(path) as archive:
         if TRAINING_STATE_ENTRY not in archive.namelist():
             raise CheckpointError(

@@ -227,7 +227,8 @@ def _reference_state_dict(reference: Reference, device: th.device) -> dict[str, 
         return reference.state_dict()
     if isinstance(reference, (str, os.PathLike)):
         try:
-            _, params, _ = load_from_zip_file(reference, device=device, print_system_info=False)
+            # only the tensors (read weights_only), not the pickles of the model's data
+            _, params, _ = load_from_zip_file(reference, load_data=False, device=device)
         except (OSError, ValueError) as error:
             raise ValueError(f"reference: cannot load a saved model from {os.fspath(reference)!r}: {error}") from None
         if not params or "policy" not in params:

@@ -25,6 +25,7 @@ from verl_sb3.ppo_update import PPOUpdateMixin
 from verl_sb3.reference import ReferenceKLMixin
 from verl_sb3.rollout import FeedForward, RolloutBatch, policy_kind
 from verl_sb3.tokens import require_token_sequences
+from verl_sb3.trust import SafeLoadMixin
 from verl_sb3.verification import checks as C
 from verl_sb3.verification import legacy
 from verl_sb3.verification.config import (
@@ -85,7 +86,7 @@ def _forbidden_tokens_of(model: Any, forbidden_tokens: Any) -> tuple[int, ...]:
     return tokens
 
 
-class VerificationMixin(JudgedCollectionMixin):
+class VerificationMixin(JudgedCollectionMixin, SafeLoadMixin):
     """Verifies each update of :class:`~verl_sb3.ppo_update.PPOUpdateMixin`; see :class:`VerifiedPPO`.
 
     The collection side (recorded logits, the next-rollout judgement) is :class:`JudgedCollectionMixin`'s.

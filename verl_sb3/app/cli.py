@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="score a checkpoint against the evaluation targets",
         description="Sample sequences from a checkpoint and print the evaluation table.",
     )
-    evaluate.add_argument("checkpoint", help="model checkpoint (.zip)")
+    _add_checkpoint_arguments(evaluate)
     evaluate.add_argument("--n-sequences", type=_integer(1), default=200, help="sequences to sample (default 200)")
     evaluate.add_argument("--seed", type=_integer(0), default=0, help="sampling seed (default 0)")
     _add_prompt_options(evaluate)
@@ -155,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="sample sequences from a checkpoint",
         description="Sample sequences from a checkpoint and print them with their quality figures.",
     )
-    generate.add_argument("checkpoint", help="model checkpoint (.zip)")
+    _add_checkpoint_arguments(generate)
     _add_prompt_options(generate)
     generate.add_argument("--num-sequences", type=_integer(1), default=3, help="sequences to sample (default 3)")
     generate.add_argument("--length", type=_integer(1), help="tokens to generate (default: until the sequence is full)")
@@ -166,6 +166,16 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--deterministic", action="store_true", help="take the most likely token instead of sampling")
     generate.set_defaults(handler=_generate)
     return parser
+
+
+def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", help="model checkpoint (.zip)")
+    parser.add_argument(
+        "--trust-checkpoint",
+        action="store_true",
+        help="load every object the checkpoint names, which can run code: only for files you trust "
+        "(default: only the classes of SB3, sb3-contrib, Gymnasium and verl_sb3 are built)",
+    )
 
 
 def _add_prompt_options(parser: argparse.ArgumentParser) -> None:
@@ -262,11 +272,11 @@ def _report_targets(rows: list[dict[str, Any]], fail_code: int) -> int:
 
 
 # ---------------------------------------------------------------------- evaluate / generate
-def _load(path: str):
+def _load(args: argparse.Namespace):
     from verl_sb3.checkpoints import load_checkpoint
 
     th.set_num_threads(1)
-    return load_checkpoint(path)
+    return load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
 
 
 def _prompt(args: argparse.Namespace, config) -> str | list[int] | None:
@@ -292,7 +302,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     from verl_sb3.evaluation import evaluate_model
     from verl_sb3.generation import textgen_config
 
-    model = _load(args.checkpoint)
+    model = _load(args)
     prompt = _prompt(args, textgen_config(model))
     figures = evaluate_model(
         model, n_sequences=args.n_sequences, seed=args.seed, prompt=prompt, temperature=args.temperature
@@ -311,7 +321,7 @@ def _generate(args: argparse.Namespace) -> int:
     from verl_sb3.generation import generate, optimal_return, textgen_config
     from verl_sb3.metrics import has_repetition, longest_run, unique_ratio
 
-    model = _load(args.checkpoint)
+    model = _load(args)
     config = textgen_config(model)
     prompt = _prompt(args, config)
     generation = generate(

@@ -74,15 +74,18 @@ def _plot_evaluations(ax, evaluations: Sequence[dict], optimum, random_baseline,
         ax.axhline(random_baseline, color="tab:blue", ls=":", lw=1, label=f"random policy's return {random_baseline:g}")
     ax.set(title="Periodic evaluations", xlabel="timesteps", ylabel="mean return")
     twin = ax.twinx()
-    twin.plot(steps, [100 * e["repetition_rate"] for e in evaluations], "s-", color="tab:red", ms=3, label="repetition")
+    repetition = [100 * e["repetition_rate"] for e in evaluations]
+    twin.plot(steps, repetition, "s-", color="tab:red", ms=3, label="repetition")
     if random_repetition is not None:
         twin.axhline(100 * random_repetition, color="tab:red", ls=":", lw=1,
-                     label=f"random policy's repetition {random_repetition:.2%}")  # fmt: skip
+                     label=f"random policy's repetition {random_repetition:.3%}")  # fmt: skip
     twin.set_ylabel("repetition (% of sequences)", color="tab:red")
-    twin.set_ylim(bottom=0)
+    # the random policy's line below the top, apart from the optimum's
+    top = max([*repetition, 0.0, 150 * random_repetition if random_repetition is not None else 0.0])
+    twin.set_ylim(0, 1.1 * top if top > 0 else 1.0)
     handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
     if handles:
-        ax.legend(handles=handles, loc="center right", fontsize=8)
+        ax.legend(handles=handles, loc="lower right", bbox_to_anchor=(1.0, 0.08), fontsize=8)  # above the zeros
 
 
 def _plot_update_figure(
