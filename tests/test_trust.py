@@ -7,18 +7,21 @@ import io
 import json
 import os
 import pickle
+import subprocess
 import sys
 import zipfile
 
+import numpy as np
 import pytest
 import torch as th
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
+from stable_baselines3.common.utils import FloatSchedule
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import VerifiedPPO, VerifiedRecurrentPPO
 from verl_sb3.app.cli import main
-from verl_sb3.checkpoints import load_checkpoint, resume_checkpoint, save_checkpoint
+from verl_sb3.checkpoints import CheckpointError, load_checkpoint, resume_checkpoint, save_checkpoint
 from verl_sb3.trust import UntrustedCheckpointError
 
 ENV = dict(vocab_size=8, max_length=6)
@@ -202,3 +205,101 @@ def test_a_reference_path_loads_only_tensors(saved, tmp_path):
     assert not marker.exists()
     for a, b in zip(model.ref_policy.state_dict().values(), load_checkpoint(saved).policy.state_dict().values()):
         assert th.equal(a, b)
+
+
+def with_data(source, target, **entries):
+    with zipfile.ZipFile(source) as archive:
+        data = json.loads(archive.read("data"))
+    data.update(entries)
+    return _replace_entries(source, target, {"data": json.dumps(data).encode()})
+
+
+def serialized(raw_pickle: bytes) -> dict:
+    return {":serialized:": base64.b64encode(raw_pickle).decode()}
+
+
+def test_an_entry_a_save_never_writes_is_refused(saved, tmp_path, monkeypatch):
+    (tmp_path / "planted_env.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # SB3's load would gym.make() a saved "env" string (importing its module), and set any entry on the model
+    for entry, value in (("env", "planted_env:TextGen-v0"), ("_reference_init", str(tmp_path / "elsewhere.zip"))):
+        planted = with_data(saved, tmp_path / f"{entry}.zip", **{entry: value})
+        for load in (load_checkpoint, VerifiedRecurrentPPO.load):
+            with pytest.raises(UntrustedCheckpointError, match=f"entry '{entry}', which a saved model never holds"):
+                load(planted)
+    assert not (tmp_path / "imported").exists()
+
+
+def test_a_recorded_class_imports_no_module_of_the_allowed_packages(saved, tmp_path, monkeypatch):
+    monkeypatch.delitem(sys.modules, "verl_sb3.__main__", raising=False)
+    metadata = json.dumps({"algorithm": "verl_sb3.__main__:main", "bases": []}).encode()
+    planted = _replace_entries(saved, tmp_path / "main.zip", {"verl_sb3.json": metadata})
+    with pytest.raises(UntrustedCheckpointError, match="cannot be imported"):
+        load_checkpoint(planted)  # importing verl_sb3.__main__ would run the command line
+    assert "verl_sb3.__main__" not in sys.modules
+
+
+def test_a_training_state_names_only_numpys_bit_generators(saved, tmp_path):
+    with zipfile.ZipFile(saved) as archive:
+        raw = archive.read("verl_sb3_training_state.npz")
+    with np.load(io.BytesIO(raw)) as state:
+        arrays = {name: state[name] for name in state.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["action_space_random"] = {"bit_generator": "seed"}  # numpy.random.seed() would reseed from the OS
+    arrays["meta"] = np.array(json.dumps(meta))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    planted = _replace_entries(saved, tmp_path / "state.zip", {"verl_sb3_training_state.npz": buffer.getvalue()})
+    with pytest.raises(CheckpointError, match="random generator 'seed' is not one of"):
+        load_checkpoint(planted)
+
+
+def test_a_pickle_cannot_change_a_class(saved, tmp_path):
+    utils = b"stable_baselines3.common.utils"
+    # BUILD with (None, {"__call__": ConstantSchedule(1e6)}) on the class itself: setattr for the whole process
+    payload = (b"c" + utils + b"\nFloatSchedule\n(N}V__call__\nc" + utils + b"\nConstantSchedule\n(F1000000.0\ntR"
+               b"stb0ccollections\ndeque\n)R.")  # fmt: skip
+    planted = with_data(saved, tmp_path / "class.zip", ep_success_buffer=serialized(payload))
+    with pytest.raises(UntrustedCheckpointError, match="needs a change to <class '.*FloatSchedule'>"):
+        load_checkpoint(planted)
+    assert FloatSchedule(0.5)(1.0) == 0.5
+
+
+@pytest.mark.parametrize(
+    "dtype, expected",
+    [
+        (b"(VO8\n\x89\x88tR", "a numpy dtype object"),  # dtype("O8"): an array of pointers read from the file
+        (
+            b"(Vi8\n\x89\x88tR(K\x03V<\nNNNJ\xff\xff\xff\xffJ\xff\xff\xff\xffK?tb",
+            "other flags",
+        ),  # int64 flagged as objects
+    ],
+    ids=["object dtype", "int64 dtype with the flags of objects"],
+)
+def test_no_numpy_dtype_that_holds_objects_is_built(saved, tmp_path, dtype, expected):
+    multiarray = b"numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2 else b"numpy.core.multiarray"
+    payload = (b"\x80\x04c" + multiarray + b"\n_reconstruct\n(cnumpy\nndarray\nK\x00\x85C\x01btR"
+               b"(K\x01K\x01\x85cnumpy\ndtype\n" + dtype + b"\x89C\x08AAAAAAAAtb.")  # fmt: skip
+    planted = with_data(saved, tmp_path / "dtype.zip", ep_info_buffer=serialized(payload))
+    # in a subprocess: were the dtype built, reading the array would dereference 0x4141414141414141
+    script = f"from verl_sb3.checkpoints import load_checkpoint\ntry:\n    load_checkpoint({str(planted)!r})\n" \
+             "except Exception as error:\n    print(error)\n"  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "entry 'ep_info_buffer' needs" in result.stdout and expected in result.stdout
+
+
+def test_a_reference_with_a_planted_tensor_file_is_a_value_error(saved, tmp_path):
+    buffer = io.BytesIO()
+    th.save({"x": _Planted(tmp_path / "ran")}, buffer)
+    planted = _replace_entries(saved, tmp_path / "reference.zip", {"policy.pth": buffer.getvalue()})
+    with pytest.raises(ValueError, match="reference: cannot load a saved model from"):
+        small_recurrent(ref_kl_coef=0.1, reference=planted)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_a_plain_sb3_save_needs_its_class_and_says_so(tmp_path):
+    model = PPO("MlpPolicy", make_textgen_vec_env(2, seed=0, **ENV), n_steps=6, batch_size=12)
+    model.save(tmp_path / "plain.zip")  # SB3's own save: no verl_sb3.json naming the algorithm
+    with pytest.raises(CheckpointError, match=r"names no algorithm.*loaded as a VerifiedRecurrentPPO: pass cls="):
+        load_checkpoint(tmp_path / "plain.zip")
+    assert type(load_checkpoint(tmp_path / "plain.zip", cls=PPO)) is PPO

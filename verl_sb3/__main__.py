@@ -4,4 +4,5 @@ import sys
 
 from verl_sb3.app.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing the module runs nothing
+    sys.exit(main())

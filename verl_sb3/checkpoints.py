@@ -32,6 +32,7 @@ from verl_sb3.trust import (
     SafeLoadMixin,
     UntrustedCheckpointError,
     algorithm_class,
+    never_saved,
     safe_custom_objects,
 )
 
@@ -41,6 +42,8 @@ __all__ = ["CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "re
 METADATA_ENTRY = "verl_sb3.json"
 #: Extra entry holding what resuming needs besides SB3's save: random generators, last LSTM states.
 TRAINING_STATE_ENTRY = "verl_sb3_training_state.npz"
+#: numpy's bit generators, the only ones a training state may name.
+BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
 def save_checkpoint(
@@ -166,17 +169,20 @@ def load_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r}: no such file")
+    guessed = False  # no class given nor recorded
     try:
         data = path.read_bytes()  # read once: what is checked is what is loaded
         if not zipfile.is_zipfile(io.BytesIO(data)):
             raise CheckpointError(f"checkpoint {str(path)!r}: not a zip archive (truncated or corrupt file)")
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             _require_complete(archive, path)
+            guessed = cls is None and METADATA_ENTRY not in archive.namelist()
             cls = cls or _algorithm_class(archive, path, trusted)
             state = archive.read(TRAINING_STATE_ENTRY) if TRAINING_STATE_ENTRY in archive.namelist() else None
         if not trusted:
             given = kwargs.get("custom_objects")
-            kwargs["custom_objects"] = {**safe_custom_objects(io.BytesIO(data), given, str(path)), **(given or {})}
+            safe = safe_custom_objects(io.BytesIO(data), given, str(path), never_saved(cls))
+            kwargs["custom_objects"] = {**safe, **(given or {})}
         if issubclass(cls, SafeLoadMixin):
             kwargs["trusted"] = True  # its pickles are already rebuilt (or trusted)
         model = cls.load(io.BytesIO(data), env=env, **kwargs)
@@ -186,8 +192,14 @@ def load_checkpoint(
     except CheckpointError:
         raise
     except Exception as error:  # zipfile, json, pickle and torch each raise their own kind
+        hint = (
+            f"; it names no algorithm (no {METADATA_ENTRY}: saved by SB3's save?) and was loaded as a "
+            f"{cls.__name__}: pass cls= (for instance stable_baselines3.PPO)"
+            if guessed
+            else ""
+        )
         raise CheckpointError(
-            f"checkpoint {str(path)!r}: cannot be loaded ({type(error).__name__}: {error})"
+            f"checkpoint {str(path)!r}: cannot be loaded ({type(error).__name__}: {error}){hint}"
         ) from error
 
 
@@ -382,7 +394,12 @@ def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> No
     th.set_rng_state(th.from_numpy(arrays["torch_random"].copy()))
     space_state = meta["action_space_random"]
     if space_state is not None and model.action_space is not None:
-        generator = np.random.Generator(getattr(np.random, space_state["bit_generator"])())
+        name = space_state.get("bit_generator") if isinstance(space_state, dict) else None
+        if name not in BIT_GENERATORS:
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: the action space's random generator {name!r} is not one of {BIT_GENERATORS}"
+            )
+        generator = np.random.Generator(getattr(np.random, name)())
         generator.bit_generator.state = space_state
         model.action_space._np_random = generator
     template = getattr(model, "_last_lstm_states", None)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import os
+import pickle
 from typing import Any, ClassVar
 
 import torch as th
@@ -229,7 +230,7 @@ def _reference_state_dict(reference: Reference, device: th.device) -> dict[str, 
         try:
             # only the tensors (read weights_only), not the pickles of the model's data
             _, params, _ = load_from_zip_file(reference, load_data=False, device=device)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, RuntimeError, pickle.UnpicklingError) as error:  # torch's own, weights_only's
             raise ValueError(f"reference: cannot load a saved model from {os.fspath(reference)!r}: {error}") from None
         if not params or "policy" not in params:
             raise ValueError(f"reference: {os.fspath(reference)!r} holds no policy parameters")
