@@ -260,7 +260,7 @@ def test_a_pickle_cannot_change_a_class(saved, tmp_path):
     payload = (b"c" + utils + b"\nFloatSchedule\n(N}V__call__\nc" + utils + b"\nConstantSchedule\n(F1000000.0\ntR"
                b"stb0ccollections\ndeque\n)R.")  # fmt: skip
     planted = with_data(saved, tmp_path / "class.zip", ep_success_buffer=serialized(payload))
-    with pytest.raises(UntrustedCheckpointError, match="needs a change to <class '.*FloatSchedule'>"):
+    with pytest.raises(UntrustedCheckpointError, match=r"needs a change to the class stable_\w+.common.utils.FloatSch"):
         load_checkpoint(planted)
     assert FloatSchedule(0.5)(1.0) == 0.5
 
@@ -277,15 +277,73 @@ def test_a_pickle_cannot_change_a_class(saved, tmp_path):
     ids=["object dtype", "int64 dtype with the flags of objects"],
 )
 def test_no_numpy_dtype_that_holds_objects_is_built(saved, tmp_path, dtype, expected):
-    multiarray = b"numpy._core.multiarray" if int(np.__version__.split(".")[0]) >= 2 else b"numpy.core.multiarray"
-    payload = (b"\x80\x04c" + multiarray + b"\n_reconstruct\n(cnumpy\nndarray\nK\x00\x85C\x01btR"
-               b"(K\x01K\x01\x85cnumpy\ndtype\n" + dtype + b"\x89C\x08AAAAAAAAtb.")  # fmt: skip
+    numeric = b"numpy._core.numeric" if int(np.__version__.split(".")[0]) >= 2 else b"numpy.core.numeric"
+    payload = b"\x80\x04c" + numeric + b"\n_frombuffer\n(C\x08AAAAAAAAcnumpy\ndtype\n" + dtype + b"K\x01\x85VC\ntR."
     planted = with_data(saved, tmp_path / "dtype.zip", ep_info_buffer=serialized(payload))
     # in a subprocess: were the dtype built, reading the array would dereference 0x4141414141414141
     script = f"from verl_sb3.checkpoints import load_checkpoint\ntry:\n    load_checkpoint({str(planted)!r})\n" \
              "except Exception as error:\n    print(error)\n"  # fmt: skip
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "entry 'ep_info_buffer' needs" in result.stdout and expected in result.stdout
+
+
+@pytest.mark.parametrize(
+    "payload, expected",
+    [
+        # numpy's own helpers trust their input: ndarray(buffer=..., offset=-8) reads before the buffer,
+        # and a second BUILD on an array frees the memory its views still read
+        (b"cnumpy\nndarray\n(K\x01\x85cnumpy\ndtype\n(Vu1\n\x89\x88tRC\x01AJ\xf8\xff\xff\xfftR.", "numpy.ndarray"),
+        (b"cnumpy._core.multiarray\n_reconstruct\n(cnumpy\nndarray\nK\x00\x85C\x01btR.", "_reconstruct"),
+        # a random generator whose MT19937 position reads out of bounds
+        (b"cnumpy.random._pickle\n__bit_generator_ctor\n(cnumpy.random._mt19937\nMT19937\ntR.", "MT19937"),
+        (b"cnumpy.random._pickle\n__bit_generator_ctor\n(VMT19937\ntR.", "bit generator 'MT19937'"),
+        (b"cnumpy.random._pickle\n__bit_generator_ctor\n(cnumpy.random._pcg64\nPCG64\ntR}VX\nK\x01sb.",
+         "a PCG64 state"),
+        # BUILD on a Cython function (neither a Python function nor a builtin): a change for the whole process
+        (b"cnumpy.random.bit_generator\n__pyx_unpickle_SeedSequence\n}V__qualname__\nVchanged\nsb.",
+         "a change to a builtins.function object"),
+    ],
+    ids=["ndarray with a negative offset", "_reconstruct", "MT19937 class", "MT19937 name", "bad PCG64 state",
+         "BUILD on a Cython function"],
+)  # fmt: skip
+def test_numpys_unchecked_pickling_helpers_are_not_reachable(saved, tmp_path, payload, expected):
+    from numpy.random.bit_generator import __pyx_unpickle_SeedSequence as helper
+
+    planted = with_data(saved, tmp_path / "numpy.zip", ep_info_buffer=serialized(payload))
+    with pytest.raises(UntrustedCheckpointError, match=f"entry 'ep_info_buffer' needs .*{expected}"):
+        load_checkpoint(planted)
+    assert helper.__qualname__ == "__pyx_unpickle_SeedSequence"
+
+
+def test_arrays_and_generators_load_as_checked_copies(saved):
+    model, trusted = load_checkpoint(saved), load_checkpoint(saved, trusted=True)
+    assert np.array_equal(model.observation_space.low, trusted.observation_space.low)
+    assert model.observation_space.low.flags.owndata or model.observation_space.low.base is not None
+    assert model.action_space.np_random.bit_generator.state == trusted.action_space.np_random.bit_generator.state
+    assert model.action_space.sample() == trusted.action_space.sample()
+
+
+def test_a_training_state_with_an_out_of_range_position_is_refused(saved, tmp_path):
+    with zipfile.ZipFile(saved) as archive:
+        raw = archive.read("verl_sb3_training_state.npz")
+    with np.load(io.BytesIO(raw)) as state:
+        arrays = {name: state[name] for name in state.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["numpy_random"]["pos"] = 10**8  # numpy would read far out of its 624 keys
+    arrays["meta"] = np.array(json.dumps(meta))
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    planted = _replace_entries(saved, tmp_path / "pos.zip", {"verl_sb3_training_state.npz": buffer.getvalue()})
+    with pytest.raises(CheckpointError, match="numpy's random state is not a valid MT19937 state"):
+        load_checkpoint(planted)
+
+
+def test_the_files_tensorboard_folder_is_not_used(saved, tmp_path):
+    planted = with_data(saved, tmp_path / "tb.zip", tensorboard_log=str(tmp_path / "elsewhere"))
+    assert load_checkpoint(planted).tensorboard_log is None
+    assert VerifiedRecurrentPPO.load(planted).tensorboard_log is None
+    assert load_checkpoint(planted, tensorboard_log=str(tmp_path / "mine")).tensorboard_log == str(tmp_path / "mine")
+    assert load_checkpoint(planted, trusted=True).tensorboard_log == str(tmp_path / "elsewhere")
 
 
 def test_a_reference_with_a_planted_tensor_file_is_a_value_error(saved, tmp_path):

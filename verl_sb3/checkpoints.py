@@ -13,6 +13,7 @@ import glob
 import io
 import json
 import os
+import pickle
 import random
 import stat
 import tempfile
@@ -26,6 +27,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from verl_sb3.safe_unpickle import BIT_GENERATORS, pcg64_state
 from verl_sb3.trust import (
     ALGORITHM_PACKAGES,
     CheckpointError,
@@ -42,8 +44,6 @@ __all__ = ["CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "re
 METADATA_ENTRY = "verl_sb3.json"
 #: Extra entry holding what resuming needs besides SB3's save: random generators, last LSTM states.
 TRAINING_STATE_ENTRY = "verl_sb3_training_state.npz"
-#: numpy's bit generators, the only ones a training state may name.
-BIT_GENERATORS = ("PCG64", "PCG64DXSM", "MT19937", "Philox", "SFC64")
 
 
 def save_checkpoint(
@@ -183,6 +183,7 @@ def load_checkpoint(
             given = kwargs.get("custom_objects")
             safe = safe_custom_objects(io.BytesIO(data), given, str(path), never_saved(cls))
             kwargs["custom_objects"] = {**safe, **(given or {})}
+            kwargs.setdefault("tensorboard_log", None)  # where learn() writes: not the file's to say
         if issubclass(cls, SafeLoadMixin):
             kwargs["trusted"] = True  # its pickles are already rebuilt (or trusted)
         model = cls.load(io.BytesIO(data), env=env, **kwargs)
@@ -313,7 +314,9 @@ def _require_same_environment(path: Path, model: BaseAlgorithm) -> None:
 
 
 def _normalised(value: Any) -> Any:
-    """Lists for tuples, as JSON gives them back."""
+    """Lists for tuples, as JSON gives them back; a function by its name."""
+    if callable(value):
+        return f"{getattr(value, '__module__', '')}.{getattr(value, '__qualname__', type(value).__name__)}"
     if isinstance(value, (list, tuple)):
         return [_normalised(item) for item in value]
     if isinstance(value, dict):
@@ -388,9 +391,18 @@ def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> No
     python = meta["python_random"]
     random.setstate((python["version"], tuple(int(x) for x in arrays["python_random"]), python["gauss_next"]))
     legacy = meta["numpy_random"]
-    np.random.set_state(
-        (legacy["name"], arrays["numpy_random"], legacy["pos"], legacy["has_gauss"], legacy["cached_gaussian"])
-    )
+    keys = arrays["numpy_random"]
+    # numpy does not check the position: one out of [0, 624] reads out of bounds
+    if not (
+        legacy["name"] == "MT19937"
+        and keys.shape == (624,)
+        and keys.dtype == np.uint32
+        and isinstance(legacy["pos"], int)
+        and 0 <= legacy["pos"] <= 624
+        and legacy["has_gauss"] in (0, 1)
+    ):
+        raise CheckpointError(f"checkpoint {str(path)!r}: numpy's random state is not a valid MT19937 state")
+    np.random.set_state((legacy["name"], keys, legacy["pos"], legacy["has_gauss"], legacy["cached_gaussian"]))
     th.set_rng_state(th.from_numpy(arrays["torch_random"].copy()))
     space_state = meta["action_space_random"]
     if space_state is not None and model.action_space is not None:
@@ -399,8 +411,12 @@ def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> No
             raise CheckpointError(
                 f"checkpoint {str(path)!r}: the action space's random generator {name!r} is not one of {BIT_GENERATORS}"
             )
+        try:
+            checked = pcg64_state(name, space_state)
+        except pickle.UnpicklingError as error:
+            raise CheckpointError(f"checkpoint {str(path)!r}: the action space's random generator: {error}") from None
         generator = np.random.Generator(getattr(np.random, name)())
-        generator.bit_generator.state = space_state
+        generator.bit_generator.state = checked
         model.action_space._np_random = generator
     template = getattr(model, "_last_lstm_states", None)
     count = meta["last_lstm_states"]
