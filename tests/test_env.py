@@ -324,13 +324,31 @@ def test_prompt_forms(prompt):
     assert env.render_mode is None and env.tokenizer.decode(env.sequence) == "the model learns to"
 
 
-def test_prompt_is_replaced_at_the_next_reset():
+def test_a_prompt_stays_until_another_is_given():
     env = TextGenEnv()
     env.reset(options={"prompt": [1, 2]})
-    obs, info = env.reset()
-    assert info["length"] == 0 and obs.tolist() == [50] * 20
+    obs, info = env.reset()  # as Gymnasium's vector envs autoreset: without options
+    assert info["length"] == 2 and env.sequence == [1, 2]
+    env.reset(options={"prompt": None})
+    assert env.sequence == [] and env.reset()[0].tolist() == [50] * 20
+    env.reset(options={"prompt": "the model"})
     env.reset(options={"prompt": []})
     assert env.sequence == []
+
+
+def test_a_prompt_survives_the_autoresets_of_gymnasiums_and_sb3s_vector_envs():
+    from stable_baselines3.common.vec_env import DummyVecEnv
+
+    envs = gym.vector.SyncVectorEnv([lambda: TextGenEnv(max_length=3)] * 2)
+    envs.reset(options={"prompt": [1, 2]})
+    envs.step([3, 3])  # the sequences are full: the next step autoresets them
+    observations, *_ = envs.step([3, 3])
+    assert observations[:, :2].tolist() == [[1, 2], [1, 2]]
+    sb3 = DummyVecEnv([lambda: TextGenEnv(max_length=3)] * 2)
+    sb3.set_options({"prompt": [1, 2]})
+    sb3.reset()
+    observations, *_ = sb3.step(np.array([3, 3]))  # done: reset in the same step
+    assert observations[:, :2].tolist() == [[1, 2], [1, 2]]
 
 
 def test_prompt_with_unknown_words_names_them():

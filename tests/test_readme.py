@@ -128,3 +128,23 @@ def test_readme_transformer_and_large_vocabulary_snippet_runs(tmp_path, monkeypa
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__])
+
+
+def test_readme_task_snippet_prints_what_it_says(capsys):
+    run(block_with("group_size=2"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "city light -> sound"
+    assert out[1].startswith("1.0 True {") and "'score': 1.0}" in out[1]
+    assert out[2] == "[(0, 'river ocean'), (0, 'river ocean'), (1, 'city light'), (1, 'city light')]"
+
+
+def test_readme_task_table_counts_the_prompts():
+    from textenv_gym.tasks import task_kwargs
+
+    text = README.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| prompts (train / test) at the defaults"))
+    counts = [
+        f"{len(task_kwargs(env_id)['prompts'])} / {len(task_kwargs(env_id, split='test')['prompts'])}"
+        for env_id in ("TextGen-Reverse-v0", "TextGen-Arithmetic-v0")
+    ]
+    assert row == f"| prompts (train / test) at the defaults | {counts[0]} | {counts[1]} |"

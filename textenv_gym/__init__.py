@@ -1,6 +1,7 @@
 """textenv_gym: TextGen-v0, a Gymnasium text-generation environment for reinforcement learning.
 
-``import textenv_gym`` registers ``TextGen-v0``; ``gym.make("textenv_gym:TextGen-v0")`` works without it.
+``import textenv_gym`` registers ``TextGen-v0`` and the tasks ``TextGen-Reverse-v0`` and
+``TextGen-Arithmetic-v0``; ``gym.make("textenv_gym:TextGen-v0")`` works without it.
 """
 
 from gymnasium.envs.registration import register, registry
@@ -30,3 +31,10 @@ if "TextGen-v0" not in registry:
         entry_point="textenv_gym.text_gen:TextGenEnv",
         vector_entry_point="textenv_gym.vector:TextGenVectorEnv",
     )
+for _env_id, _name in (("TextGen-Reverse-v0", "reverse"), ("TextGen-Arithmetic-v0", "arithmetic")):
+    if _env_id not in registry:
+        register(
+            id=_env_id,
+            entry_point=f"textenv_gym.tasks:{_name}_env",
+            vector_entry_point=f"textenv_gym.tasks:{_name}_vector_env",
+        )

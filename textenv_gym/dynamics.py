@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from textenv_gym.prompts import NO_PROMPT, PromptRecord, PromptSource
+from textenv_gym.scoring import ComputeScore, require_compute_score, score_answer
 from textenv_gym.vocabulary import Tokenizer, default_vocabulary
 
 DEFAULT_VOCAB_SIZE = 50
@@ -26,6 +28,8 @@ MAX_LENGTH = 2**16
 MAX_BATCH_TOKENS = 2**27
 #: The names of the built-in reward components, in the order they are summed.
 BUILTIN_COMPONENTS = ("diversity", "repetition", "forbidden")
+#: The component of ``compute_score``, after the built-in ones.
+SCORE_COMPONENT = "score"
 #: A user reward component: ``fn(tokens, lengths) -> array-like of shape (N,)`` (see ``TextGenEnv``).
 RewardFunction = Callable[[np.ndarray, np.ndarray], Any]
 
@@ -65,7 +69,7 @@ def _token_ids(name: str, values: Any, vocab_size: int) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _reward_fns(reward_fns: Any) -> dict[str, RewardFunction] | None:
+def _reward_fns(reward_fns: Any, taken: Sequence[str]) -> dict[str, RewardFunction] | None:
     """``reward_fns`` as a dict of user components (None when there are none), or a ValueError."""
     if reward_fns is None:
         return None
@@ -74,10 +78,10 @@ def _reward_fns(reward_fns: Any) -> dict[str, RewardFunction] | None:
     for name, fn in reward_fns.items():
         if not isinstance(name, str) or not name:
             raise ValueError(f"reward_fns: component names must be non-empty strings, got {name!r}")
-        if name in BUILTIN_COMPONENTS:
+        if name in taken:
             raise ValueError(
                 f"reward_fns[{name!r}]: clashes with a built-in component; built-in components are "
-                f"{list(BUILTIN_COMPONENTS)} (weigh them with reward_weights instead)"
+                f"{list(taken)} (weigh them with reward_weights instead)"
             )
         if not callable(fn):
             raise ValueError(
@@ -113,8 +117,13 @@ class TextGenConfig:
     vocabulary: Sequence[str] | None = None
     reward_weights: Mapping[str, float] | None = field(default=None, hash=False)
     reward_fns: Mapping[str, RewardFunction] | None = field(default=None, hash=False)
+    eos_token: str | int | None = None
+    compute_score: ComputeScore | None = field(default=None, hash=False)
+    prompts: Any = field(default=None, hash=False, repr=False)
     tokenizer: Tokenizer = field(init=False, repr=False, compare=False)
     forbidden_mask: np.ndarray = field(init=False, repr=False, compare=False)
+    eos_id: int | None = field(init=False, repr=False, compare=False)
+    prompt_source: PromptSource | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
@@ -153,18 +162,38 @@ class TextGenConfig:
         vocabulary = default_vocabulary(vocab_size) if self.vocabulary is None else self.vocabulary
         set_("tokenizer", Tokenizer(vocabulary))
         set_("vocabulary", self.tokenizer.vocabulary)
-        set_("reward_fns", _reward_fns(self.reward_fns))
+        set_("eos_id", self._eos_id())
+        set_("compute_score", require_compute_score(self.compute_score))
+        set_("reward_fns", _reward_fns(self.reward_fns, self._builtin_names))
         set_("reward_weights", _reward_weights(self.reward_weights, self.component_names))
+        encode, decode = self.encode_prompt, self.tokenizer.decode
+        set_("prompt_source", None if self.prompts is None else PromptSource(self.prompts, encode, decode))
+
+    def _eos_id(self) -> int | None:
+        token = self.eos_token
+        if token is None:
+            return None
+        if isinstance(token, str):
+            words = token.split()
+            if len(words) != 1 or words[0].lower() not in (word.lower() for word in self.tokenizer.vocabulary):
+                raise ValueError(f"eos_token: expected one word of the vocabulary or a token id, got {token!r}")
+            return self.tokenizer.encode(token)[0]
+        return _require_int("eos_token", token, 0, self.vocab_size - 1)
+
+    @property
+    def _builtin_names(self) -> tuple[str, ...]:
+        return BUILTIN_COMPONENTS + ((SCORE_COMPONENT,) if self.compute_score is not None else ())
 
     @property
     def component_names(self) -> tuple[str, ...]:
-        """The names of the reward components: the built-in ones, then those of ``reward_fns``."""
-        return BUILTIN_COMPONENTS + tuple(self.reward_fns or ())
+        """The names of the reward components: the built-in ones (``score`` with a ``compute_score``),
+        then those of ``reward_fns``."""
+        return self._builtin_names + tuple(self.reward_fns or ())
 
     @property
     def custom_reward(self) -> bool:
         """Whether the reward differs from the default sum of the built-in components."""
-        return self.reward_fns is not None or self.reward_weights is not None
+        return self.reward_fns is not None or self.reward_weights is not None or self.compute_score is not None
 
     @property
     def pad_id(self) -> int:
@@ -183,6 +212,9 @@ class TextGenConfig:
             "vocabulary": list(self.vocabulary),
             "reward_weights": None if self.reward_weights is None else dict(self.reward_weights),
             "reward_fns": None if self.reward_fns is None else dict(self.reward_fns),
+            "eos_token": self.eos_token,
+            "compute_score": self.compute_score,
+            "prompts": self.prompts,
         }
 
     def encode_prompt(self, prompt: Any) -> np.ndarray:
@@ -207,6 +239,7 @@ def reward_components(
     config: TextGenConfig,
     tokens: np.ndarray | None = None,
     lengths: np.ndarray | None = None,
+    score: np.ndarray | None = None,
 ) -> dict[str, np.ndarray]:
     """The reward of each new sequence, by component, each already multiplied by its weight
     (``config.reward_weights``, 1.0 when not given); the reward is their sum.
@@ -214,6 +247,8 @@ def reward_components(
     - ``diversity``: unique tokens / total tokens of the whole sequence (prompt included);
     - ``repetition``: ``repetition_penalty`` when the last ``repetition_window`` tokens are identical;
     - ``forbidden``: ``forbidden_penalty`` when the appended token is forbidden;
+    - ``score`` (with ``config.compute_score``): ``score``, the answers' scores on the steps that
+      end their episodes, 0 on the others;
     - one per user component ``name`` of ``config.reward_fns``: ``fn(tokens, lengths)``, called once
       for the whole batch with the new sequences (``tokens``, int64 ``(N, max_length)`` padded with
       ``pad_id``) and their ``lengths`` (needed only when there are user components).
@@ -223,6 +258,8 @@ def reward_components(
         "repetition": np.where(repeated, config.repetition_penalty, 0.0),
         "forbidden": np.where(forbidden, config.forbidden_penalty, 0.0),
     }
+    if config.compute_score is not None:
+        components[SCORE_COMPONENT] = np.zeros(len(diversity)) if score is None else score
     for name, fn in (config.reward_fns or {}).items():
         if tokens is None or lengths is None:
             raise ValueError(f"reward_components: the user component {name!r} needs the sequences' tokens and lengths")
@@ -279,7 +316,8 @@ class StepOutcome:
     diversity: np.ndarray  # float64
     repeated: np.ndarray  # bool: the last repetition_window tokens are identical
     forbidden: np.ndarray  # bool: the appended token is forbidden
-    terminated: np.ndarray  # bool: the sequence reached max_length
+    terminated: np.ndarray  # bool: the sequence reached max_length or ends with the end token
+    score_details: dict[int, dict[str, Any]] = field(default_factory=dict)  # by position: compute_score's extras
 
 
 class SequenceBatch:
@@ -288,7 +326,8 @@ class SequenceBatch:
     ``tokens[i, :lengths[i]]`` is sequence ``i``; the rest of the row is ``pad_id``. Alongside,
     ``unique`` counts its distinct tokens and ``run_length`` the length of its trailing run of
     identical tokens, so that appending a token costs O(max_length) per sequence, without Python
-    loops over sequences.
+    loops over sequences. Each sequence has its own prompt (:class:`PromptRecord`): where it
+    starts from at a reset, and what its answer (the tokens after it) is scored against.
     """
 
     def __init__(self, config: TextGenConfig, num_sequences: int) -> None:
@@ -299,26 +338,42 @@ class SequenceBatch:
         self.lengths = np.zeros(self.num_sequences, dtype=np.int64)
         self.unique = np.zeros(self.num_sequences, dtype=np.int64)
         self.run_length = np.zeros(self.num_sequences, dtype=np.int64)
+        self.prompt_lengths = np.zeros(self.num_sequences, dtype=np.int64)
+        self._prompt_tokens = np.full(shape, config.pad_id, dtype=np.int64)
+        self._prompt_length = np.zeros(self.num_sequences, dtype=np.int64)
+        self._prompt_unique = np.zeros(self.num_sequences, dtype=np.int64)
+        self._prompt_run = np.zeros(self.num_sequences, dtype=np.int64)
+        self.records: list[PromptRecord] = [NO_PROMPT] * self.num_sequences
         self.set_prompt(None)
 
     def set_prompt(self, prompt: Any) -> None:
         """Make ``prompt`` (text, token ids or None) the start of every sequence reset from now on."""
         ids = self.config.encode_prompt(prompt)
-        row = np.full(self.config.max_length, self.config.pad_id, dtype=np.int64)
-        row[: len(ids)] = ids
+        record = PromptRecord(ids, self.config.tokenizer.decode(ids))
+        for row in range(self.num_sequences):
+            self.set_row_prompt(row, record)
+
+    def set_row_prompt(self, row: int, record: PromptRecord) -> None:
+        """Make ``record`` the prompt sequence ``row`` starts from at its next reset."""
+        ids = record.ids
+        if len(ids) > self.config.max_length - 1:
+            raise ValueError(f"prompt: has {len(ids)} tokens but at most max_length - 1 = {self.config.max_length - 1}")
         run = 0
         while run < len(ids) and ids[len(ids) - 1 - run] == ids[-1]:
             run += 1
-        self._prompt_row = row
-        self._prompt_state = (len(ids), len(np.unique(ids)), run)
+        self._prompt_tokens[row] = self.config.pad_id
+        self._prompt_tokens[row, : len(ids)] = ids
+        self._prompt_length[row] = len(ids)
+        self._prompt_unique[row] = len(np.unique(ids))
+        self._prompt_run[row] = run
+        self.records[row] = record
 
     def reset(self, rows: np.ndarray | slice = slice(None)) -> None:
-        """Start the selected sequences (a boolean mask, indices or a slice) from the prompt."""
-        length, unique, run = self._prompt_state
-        self.tokens[rows] = self._prompt_row
-        self.lengths[rows] = length
-        self.unique[rows] = unique
-        self.run_length[rows] = run
+        """Start the selected sequences (a boolean mask, indices or a slice) from their prompts."""
+        self.tokens[rows] = self._prompt_tokens[rows]
+        self.lengths[rows] = self.prompt_lengths[rows] = self._prompt_length[rows]
+        self.unique[rows] = self._prompt_unique[rows]
+        self.run_length[rows] = self._prompt_run[rows]
 
     def append(
         self, actions: np.ndarray, rows: np.ndarray | None = None, reward_dtype: type = np.float64
@@ -342,15 +397,44 @@ class SequenceBatch:
         diversity = unique / lengths
         repeated = run >= self.config.repetition_window
         forbidden = self.config.forbidden_mask[actions]
+        terminated = lengths >= self.config.max_length
+        if self.config.eos_id is not None:
+            terminated |= actions == self.config.eos_id
+        score, details = self._scores(rows, tokens, lengths, terminated)
         # copies for user components, which then cannot alter the sequences
         user = (tokens.copy(), lengths.copy()) if self.config.reward_fns else (None, None)
-        components = reward_components(diversity, repeated, forbidden, self.config, *user)
+        components = reward_components(diversity, repeated, forbidden, self.config, *user, score=score)
         with np.errstate(over="ignore"):  # an overflow is reported next
             reward = sum(components.values())
         _require_representable(reward, reward_dtype)
         self.tokens[rows], self.lengths[rows], self.unique[rows], self.run_length[rows] = tokens, lengths, unique, run
-        terminated = lengths >= self.config.max_length
-        return StepOutcome(reward, components, diversity, repeated, forbidden, terminated)
+        return StepOutcome(reward, components, diversity, repeated, forbidden, terminated, details)
+
+    def answer_ids(self, row: int, tokens: np.ndarray | None = None, length: int | None = None) -> np.ndarray:
+        """The tokens sequence ``row`` generated after its prompt, a final end token left out."""
+        tokens = self.tokens[row] if tokens is None else tokens
+        length = int(self.lengths[row]) if length is None else length
+        answer = tokens[int(self.prompt_lengths[row]) : length]
+        if len(answer) and self.config.eos_id is not None and answer[-1] == self.config.eos_id:
+            answer = answer[:-1]
+        return answer
+
+    def _scores(
+        self, rows: np.ndarray, tokens: np.ndarray, lengths: np.ndarray, terminated: np.ndarray
+    ) -> tuple[np.ndarray | None, dict[int, dict[str, Any]]]:
+        """``compute_score`` of each answer that ends here (by position in ``rows``), and its extras."""
+        fn = self.config.compute_score
+        if fn is None:
+            return None, {}
+        score, details = np.zeros(len(rows)), {}
+        for position in np.flatnonzero(terminated):
+            row = int(rows[position])
+            prompt = self.records[row]
+            answer = self.config.tokenizer.decode(self.answer_ids(row, tokens[position], int(lengths[position])))
+            score[position], details[int(position)] = score_answer(
+                fn, prompt.data_source, answer, prompt.ground_truth, prompt.extra_info
+            )
+        return score, details
 
     def texts(self) -> tuple[str, ...]:
         """The decoded text of every sequence."""

@@ -11,6 +11,7 @@ from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from stable_baselines3.common.vec_env.base_vec_env import VecEnvIndices
 
 from textenv_gym.dynamics import SequenceBatch, TextGenConfig, validate_actions
+from textenv_gym.episodes import EpisodeStarter
 from textenv_gym.rendering import text_frame
 from textenv_gym.text_gen import check_render_mode, observation_space_for
 
@@ -24,12 +25,19 @@ class TextGenVecEnv(VecEnv):
     sequence and ``TimeLimit.truncated=False``. Per-step info of running environments is empty
     with the default reward: it is built for speed. With ``reward_weights`` or ``reward_fns``, every
     info holds ``reward_components``, as :class:`textenv_gym.TextGenEnv`'s. A prompt set with
-    ``set_options({"prompt": p})`` is used from the next reset on (SB3 applies options at
-    ``reset()``). Wrap it in SB3's ``VecMonitor`` (or use :func:`make_textgen_vec_env`) for
-    episode statistics.
+    ``set_options({"prompt": p})`` (or a list of option dicts, one per environment) is used from
+    the next reset on (SB3 applies options at ``reset()``) until another is set (None: back to
+    ``prompts`` or the empty prompt). Wrap it in SB3's ``VecMonitor`` (or use
+    :func:`make_textgen_vec_env`) for episode statistics.
+
+    With ``prompts``, each episode's prompt keys (``prompt``, ``ground_truth``, ``data_source``,
+    ``prompt_index``, ``group``, ``group_episode``) are in ``reset_infos`` when it starts, and
+    the finished episode's ``prompt_index``, ``group`` and ``group_episode`` in its last info.
 
     :param num_envs: number of sequences.
-    :param seed: seed of the action space's generator (the dynamics are deterministic).
+    :param seed: seed of the action space's and the prompt draws' generators (the dynamics are
+        deterministic); ``seed()`` reseeds the draws at the next ``reset()``.
+    :param group_size: environments answering the same prompts, in consecutive groups.
     :param render_mode: None or ``"rgb_array"``: ``render()`` tiles the environments' frames, as
         SB3's vectorised environments do (``get_images()`` gives them one by one).
     :param env_kwargs: the other arguments of :class:`textenv_gym.TextGenEnv`.
@@ -38,19 +46,30 @@ class TextGenVecEnv(VecEnv):
     metadata = {"render_modes": ["rgb_array"]}
 
     def __init__(
-        self, num_envs: int, seed: int | None = None, render_mode: str | None = None, **env_kwargs: Any
+        self,
+        num_envs: int,
+        seed: int | None = None,
+        render_mode: str | None = None,
+        group_size: int = 1,
+        **env_kwargs: Any,
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(**env_kwargs)
         self.sequences = SequenceBatch(self.config, num_envs)
+        self.starter = EpisodeStarter(self.sequences, group_size)
         self.render_mode = render_mode
         super().__init__(num_envs, observation_space_for(self.config), spaces.Discrete(self.config.vocab_size))
         self.action_space.seed(seed)
+        self._rng = np.random.default_rng(seed)
         self._actions = np.zeros(num_envs, dtype=np.int64)
 
     def reset(self) -> np.ndarray:
-        self.sequences.set_prompt(self._options[0].get("prompt") if self._options else None)
-        self.sequences.reset()
+        if self._seeds and self._seeds[0] is not None:
+            self._rng = np.random.default_rng(self._seeds[0])
+        prompts = {i: options["prompt"] for i, options in enumerate(self._options) if "prompt" in options}
+        self.starter.set_options(prompts, name="set_options prompt")
+        self.starter.start(np.arange(self.num_envs), self._rng, restart=True)
+        self.reset_infos = [self.starter.info(i) for i in range(self.num_envs)]
         self._reset_seeds()
         self._reset_options()
         return self.sequences.tokens.copy()
@@ -74,10 +93,25 @@ class TextGenVecEnv(VecEnv):
                         "length": int(self.sequences.lengths[index]),
                         "diversity": float(outcome.diversity[index]),
                         "TimeLimit.truncated": False,
+                        **self._finished_episode(index, outcome),
                     }
                 )
-            self.sequences.reset(done)
+            rows = np.flatnonzero(done)
+            self.starter.start(rows, self._rng)
+            if self.starter.draws:
+                for index in rows:
+                    self.reset_infos[index] = self.starter.info(int(index))
         return self.sequences.tokens.copy(), outcome.reward.astype(np.float32), done.copy(), infos
+
+    def _finished_episode(self, index: int, outcome) -> dict[str, Any]:
+        """Which prompt and group the episode that ``index`` just ended answered, and its score's details."""
+        info = {}
+        if self.starter.draws:
+            last = self.starter.info(index)
+            info.update((key, last[key]) for key in ("prompt_index", "group", "group_episode"))
+        if outcome.score_details.get(index):
+            info["score_details"] = outcome.score_details[index]
+        return info
 
     def close(self) -> None:
         pass
@@ -100,6 +134,8 @@ class TextGenVecEnv(VecEnv):
         return [text_frame(text) for text in self.sequences.texts()]
 
 
-def make_textgen_vec_env(num_envs: int = 8, seed: int | None = None, **env_kwargs: Any) -> VecMonitor:
+def make_textgen_vec_env(
+    num_envs: int = 8, seed: int | None = None, group_size: int = 1, **env_kwargs: Any
+) -> VecMonitor:
     """A :class:`TextGenVecEnv` wrapped in SB3's ``VecMonitor`` (episode returns and lengths)."""
-    return VecMonitor(TextGenVecEnv(num_envs, seed=seed, **env_kwargs))
+    return VecMonitor(TextGenVecEnv(num_envs, seed=seed, group_size=group_size, **env_kwargs))

@@ -10,7 +10,9 @@ import numpy as np
 from gymnasium import spaces
 
 from textenv_gym.dynamics import DEFAULT_MAX_LENGTH, RewardFunction, SequenceBatch, TextGenConfig, validate_action
+from textenv_gym.episodes import EpisodeStarter
 from textenv_gym.rendering import text_frame
+from textenv_gym.scoring import ComputeScore
 
 
 def check_render_mode(render_mode: str | None, metadata: dict) -> None:
@@ -67,16 +69,31 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     is forbidden) and `reward_components`: each component's weighted contribution, by name
     (`weight * value`), so the components sum exactly to the reward.
 
+    **A task: `prompts`, `compute_score`, `eos_token`.** With `compute_score`, veRL's
+    `compute_score(data_source, solution_str, ground_truth, extra_info=None) -> float | dict`,
+    the step that ends an episode adds the component `score`: the function's value for the
+    generated text (`solution_str`: the tokens after the prompt, decoded, the end token left out)
+    and the prompt's reference answer. A dict's `"score"` is the value, its other keys are in
+    `info["score_details"]`. The built-in components stay as they are unless `reward_weights`
+    sets them (`{"diversity": 0.0, "repetition": 0.0}` leaves the score alone).
+
     ## Starting State
     The empty sequence, or a prompt: `reset(options={"prompt": p})` where `p` is a list of token
-    ids or a text encoded with `env.tokenizer` (lower-cased words split on whitespace; an
-    unknown word raises a `ValueError`). The prompt must leave room for one action:
-    at most `max_length - 1` tokens. The environment has no randomness: `seed` only seeds the
-    spaces' and `np_random`'s generators, as Gymnasium requires.
+    ids, a text encoded with `env.tokenizer` (lower-cased words split on whitespace; an
+    unknown word raises a `ValueError`) or a record (below). The prompt must leave room for one
+    action: at most `max_length - 1` tokens. It stays for the next resets until another is given
+    (`None`: back to the prompt source, or to the empty sequence), so that vector environments'
+    autoresets keep it. With `prompts` (a list of prompts or of records `{"prompt", "ground_truth",
+    "data_source", "extra_info"}`, veRL's field names, or a callable `(rng) -> record`), each reset
+    without an explicit prompt draws one with `np_random`, and `info` holds its `prompt`,
+    `ground_truth`, `data_source` and `prompt_index` (-1 when it has none). Otherwise the
+    environment has no randomness: `seed` only seeds the spaces' and `np_random`'s generators,
+    as Gymnasium requires.
 
     ## Episode End
     The episode terminates (`terminated=True`; there is no truncation) when the sequence reaches
-    `max_length` tokens. Stepping after that raises a `ValueError`: call `reset()`.
+    `max_length` tokens or ends with `eos_token`. Stepping after that raises a `ValueError`:
+    call `reset()`.
 
     ## Arguments
     - `vocab_size`: number of tokens, at least 2 (default 50, or the length of `vocabulary`).
@@ -93,6 +110,11 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
     - `reward_fns`: user components, name -> callable `fn(tokens, lengths)` (see Rewards; default
       none). Names may not be those of the built-in components. A component returning the wrong
       shape or non-finite values raises a `ValueError` naming it at that step.
+    - `eos_token`: a word of the vocabulary or a token id that ends the episode (default none;
+      `env.eos_id` is its id).
+    - `compute_score`: veRL's scoring function (see Rewards; default none).
+    - `prompts`: where episodes' prompts come from (see Starting State; default: none, the
+      explicit prompt or the empty sequence). A bad prompt or record is a `ValueError` naming its index.
     - `render_mode`: `None`, `"ansi"` (`render()` returns the decoded text), `"rgb_array"` (an RGB
       image of the decoded text, `textenv_gym.rendering.FRAME_SIZE`, for video recorders) or
       `"human"` (prints the text after every `reset` and `step`).
@@ -117,6 +139,9 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         reward_weights: Mapping[str, float] | None = None,
         reward_fns: Mapping[str, RewardFunction] | None = None,
         render_mode: str | None = None,
+        eos_token: str | int | None = None,
+        compute_score: ComputeScore | None = None,
+        prompts: Any = None,
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
@@ -129,11 +154,15 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
             vocabulary,
             reward_weights,
             reward_fns,
+            eos_token,
+            compute_score,
+            prompts,
         )
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(self.config.vocab_size)
         self.observation_space = observation_space_for(self.config)
         self._sequence = SequenceBatch(self.config, 1)
+        self._starter = EpisodeStarter(self._sequence)
         self._needs_reset = True
 
     @property
@@ -147,18 +176,27 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         return self.config.pad_id
 
     @property
+    def eos_id(self) -> int | None:
+        """The end token's id (None: episodes end at ``max_length`` only)."""
+        return self.config.eos_id
+
+    @property
     def sequence(self) -> list[int]:
         """The token ids of the current sequence."""
         return self._sequence.tokens[0, : self._sequence.lengths[0]].tolist()
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self._sequence.set_prompt((options or {}).get("prompt"))
-        self._sequence.reset()
+        if options and "prompt" in options:
+            self._starter.set_options({0: options["prompt"]}, name="options['prompt']")
+        self._starter.start([0], self.np_random, restart=seed is not None)
         self._needs_reset = False
         if self.render_mode == "human":
             self.render()
-        return self._sequence.tokens[0].copy(), self._info()
+        info = self._info()
+        info.update(self._starter.info(0))
+        info.pop("group", None), info.pop("group_episode", None)  # one environment: no groups
+        return self._sequence.tokens[0].copy(), info
 
     def step(self, action):
         if self._needs_reset:
@@ -173,6 +211,8 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
             forbidden=bool(outcome.forbidden[0]),
             reward_components={name: float(value[0]) for name, value in outcome.components.items()},
         )
+        if outcome.score_details.get(0):
+            info["score_details"] = outcome.score_details[0]
         if self.render_mode == "human":
             self.render()
         return self._sequence.tokens[0].copy(), float(outcome.reward[0]), terminated, False, info

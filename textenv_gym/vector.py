@@ -22,7 +22,9 @@ from textenv_gym.dynamics import (
     TextGenConfig,
     validate_actions,
 )
+from textenv_gym.episodes import EpisodeStarter
 from textenv_gym.rendering import text_frame
+from textenv_gym.scoring import ComputeScore
 from textenv_gym.text_gen import check_render_mode, observation_space_for
 
 
@@ -83,7 +85,13 @@ class TextGenVectorEnv(VectorEnv):
     ``terminated=False``, and its ``info`` entries are those of :meth:`TextGenEnv.reset`, as
     ``SyncVectorEnv`` reports them. User components (``reward_fns``) are called once per step with
     the sequences that were stepped. A prompt given as ``reset(options={"prompt": p})`` is the
-    starting sequence of every environment, also at every autoreset, until the next ``reset``.
+    starting sequence of every environment (a list of prompts: one per environment), also at every
+    autoreset, until another is given (None: back to ``prompts``, or the empty prompt).
+
+    With ``prompts``, environments come in groups of ``group_size`` that answer the same drawn
+    prompts in the same order (:class:`textenv_gym.prompts.PromptSchedule`); the reset info of an
+    episode holds ``prompt``, ``ground_truth``, ``data_source``, ``prompt_index``, ``group`` and
+    ``group_episode`` (the episode's number within its group).
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -101,6 +109,10 @@ class TextGenVectorEnv(VectorEnv):
         reward_weights: Mapping[str, float] | None = None,
         reward_fns: Mapping[str, RewardFunction] | None = None,
         render_mode: str | None = None,
+        eos_token: str | int | None = None,
+        compute_score: ComputeScore | None = None,
+        prompts: Any = None,
+        group_size: int = 1,
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
@@ -113,8 +125,12 @@ class TextGenVectorEnv(VectorEnv):
             vocabulary,
             reward_weights,
             reward_fns,
+            eos_token,
+            compute_score,
+            prompts,
         )
         self.sequences = SequenceBatch(self.config, num_envs)
+        self.starter = EpisodeStarter(self.sequences, group_size)
         self.num_envs = self.sequences.num_sequences
         self.render_mode = render_mode
         self.single_action_space = spaces.Discrete(self.config.vocab_size)
@@ -126,11 +142,13 @@ class TextGenVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None):
         super().reset(seed=seed)
-        self.sequences.set_prompt((options or {}).get("prompt"))
-        self.sequences.reset()
+        self.starter.set_vector_options(options, self.num_envs)
+        self.starter.start(np.arange(self.num_envs), self.np_random, restart=True)
         self._autoreset[:] = False
         self._started = True
-        return self.sequences.tokens.copy(), reset_info(self.sequences)
+        info = reset_info(self.sequences)
+        self._add_prompt_info(info, np.arange(self.num_envs))
+        return self.sequences.tokens.copy(), info
 
     def step(self, actions):
         if not self._started:
@@ -138,7 +156,8 @@ class TextGenVectorEnv(VectorEnv):
         actions = validate_actions(actions, self.num_envs, self.config.vocab_size)
         resetting = self._autoreset
         rows = np.flatnonzero(~resetting)
-        self.sequences.reset(resetting)
+        if resetting.any():
+            self.starter.start(np.flatnonzero(resetting), self.np_random)
         outcome = self.sequences.append(actions[rows], rows)
         reward = np.zeros(self.num_envs)
         terminated = np.zeros(self.num_envs, dtype=bool)
@@ -147,7 +166,18 @@ class TextGenVectorEnv(VectorEnv):
         self._autoreset = terminated.copy()
         truncated = np.zeros(self.num_envs, dtype=bool)
         info = step_info(outcome, rows, self.num_envs, self.sequences)
+        self._add_prompt_info(info, np.flatnonzero(resetting))
+        for position, details in outcome.score_details.items():
+            if details:
+                info = self._add_info(info, {"score_details": details}, int(rows[position]))
         return self.sequences.tokens.copy(), reward, terminated, truncated, info
+
+    def _add_prompt_info(self, info: dict[str, Any], rows: np.ndarray) -> None:
+        """The prompt keys of the episodes started in ``rows``, as ``SyncVectorEnv`` batches them."""
+        if not self.starter.draws:
+            return
+        for row in rows:
+            info.update(self._add_info(info, self.starter.info(int(row)), int(row)))
 
     def render(self) -> tuple[str, ...] | tuple[np.ndarray, ...] | None:
         """Each environment's text (``"ansi"``) or its frame (``"rgb_array"``), as ``SyncVectorEnv`` gives them."""

@@ -57,8 +57,8 @@ def _start(
     return sequences, prompt_ids, config.max_length - len(prompt_ids)
 
 
-def _check_generation_args(num_sequences: int, temperature: float, seed: int | None) -> None:
-    require_int("num_sequences", num_sequences, 1)
+def check_generation_args(num_sequences: int, temperature: float, seed: int | None, name="num_sequences") -> None:
+    require_int(name, num_sequences, 1)
     finite = not isinstance(temperature, (bool, np.bool_)) and isinstance(
         temperature, (int, float, np.integer, np.floating)
     )
@@ -68,7 +68,7 @@ def _check_generation_args(num_sequences: int, temperature: float, seed: int | N
         require_int("seed", seed, 0)
 
 
-class _PolicyStepper:
+class PolicyStepper:
     """Steps a recurrent or feed-forward SB3 policy one token at a time over a batch."""
 
     def __init__(self, model: BaseAlgorithm, num_sequences: int) -> None:
@@ -88,6 +88,16 @@ class _PolicyStepper:
             distribution = self.policy.get_distribution(obs)
         self.episode_starts = th.zeros_like(self.episode_starts)
         return distribution.distribution.logits
+
+
+def sample_tokens(logits: th.Tensor, temperature: float, deterministic: bool, generator: th.Generator) -> th.Tensor:
+    """One token per row of ``logits``: the most likely, or sampled at ``temperature``."""
+    if deterministic:
+        return logits.argmax(dim=1)
+    # Shift by the maximum first: the scaled logits are then <= 0, so a tiny temperature gives a
+    # one-hot distribution instead of inf / inf = NaN probabilities.
+    scaled = (logits - logits.max(dim=1, keepdim=True).values) / float(temperature)
+    return th.multinomial(th.softmax(scaled, dim=1), 1, generator=generator).squeeze(1)
 
 
 @th.no_grad()
@@ -111,7 +121,7 @@ def generate(
     :param seed: seed of the sampler, for reproducible generations.
     :param deterministic: take the most likely token instead of sampling.
     """
-    _check_generation_args(num_sequences, temperature, seed)
+    check_generation_args(num_sequences, temperature, seed)
     config = textgen_config(model)
     sequences, prompt_ids, room = _start(config, num_sequences, prompt)
     length = room if length is None else length
@@ -123,7 +133,7 @@ def generate(
     generator = th.Generator(device="cpu")
     # SeedSequence(None) draws fresh OS entropy: an unseeded call must not reseed torch's global generator.
     generator.manual_seed(int(np.random.SeedSequence(None if seed is None else int(seed)).generate_state(1)[0]))
-    stepper = _PolicyStepper(model, num_sequences)
+    stepper = PolicyStepper(model, num_sequences)
     returns = np.zeros(num_sequences)
     entropies = []
     was_training = model.policy.training
@@ -132,13 +142,7 @@ def generate(
         for _ in range(length):
             logits = stepper.logits(sequences.tokens).cpu().double()
             entropies.append(th.distributions.Categorical(logits=logits).entropy().mean().item())
-            if deterministic:
-                actions = logits.argmax(dim=1)
-            else:
-                # Shift by the maximum first: the scaled logits are then <= 0, so a tiny temperature
-                # gives a one-hot distribution instead of inf / inf = NaN probabilities.
-                scaled = (logits - logits.max(dim=1, keepdim=True).values) / float(temperature)
-                actions = th.multinomial(th.softmax(scaled, dim=1), 1, generator=generator).squeeze(1)
+            actions = sample_tokens(logits, temperature, deterministic, generator)
             returns += sequences.append(actions.numpy().astype(np.int64)).reward
     finally:
         model.policy.set_training_mode(was_training)

@@ -31,6 +31,8 @@ PROG = "verl-sb3"
 
 #: ``train`` options that map one-to-one to :class:`verl_sb3.app.config.TrainConfig` fields.
 TRAIN_OPTIONS = (
+    "env_id",
+    "env_kwargs",
     "total_timesteps",
     "n_envs",
     "seed",
@@ -67,6 +69,20 @@ def _integer(minimum: int):
     return parse
 
 
+def _yaml_mapping(text: str) -> dict:
+    import yaml
+
+    from verl_sb3.app.config import YamlLoader
+
+    try:
+        value = yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError:
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{length: 4}}', got {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a YAML mapping such as '{{length: 4}}', got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -95,7 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Verified PPO for a small LSTM language model on TextGen-v0.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate}")
+    _add_train_command(commands)
+    _add_evaluate_command(commands)
+    _add_generate_command(commands)
+    return parser
 
+
+def _add_train_command(commands: Any) -> None:
     train = commands.add_parser(
         "train",
         help="train the model, write the dashboard, logs, checkpoints and evaluation",
@@ -105,6 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.add_argument(
         "--config", metavar="FILE.yaml", help="YAML file of TrainConfig settings (options given here override it)"
+    )
+    train.add_argument(
+        "--env", dest="env_id", help="TextGen-v0 (default) or a task: TextGen-Reverse-v0, TextGen-Arithmetic-v0"
+    )
+    train.add_argument(
+        "--env-kwargs", type=_yaml_mapping, metavar="YAML", help="the environment's arguments: '{length: 4}'"
     )
     train.add_argument("--total-timesteps", type=int, help="environment steps to train for")
     train.add_argument("--n-envs", type=int, help="parallel sequences per rollout")
@@ -135,13 +163,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(handler=_train)
 
+
+def _add_evaluate_command(commands: Any) -> None:
     evaluate = commands.add_parser(
         "evaluate",
         help="score a checkpoint against the evaluation targets",
         description="Sample sequences from a checkpoint and print the evaluation table.",
     )
     _add_checkpoint_arguments(evaluate)
-    evaluate.add_argument("--n-sequences", type=_integer(1), default=200, help="sequences to sample (default 200)")
+    evaluate.add_argument(
+        "--n-sequences", type=_integer(1), default=200, help="sequences to sample (a task: answers per prompt)"
+    )
     evaluate.add_argument("--seed", type=_integer(0), default=0, help="sampling seed (default 0)")
     _add_prompt_options(evaluate)
     evaluate.add_argument(
@@ -150,6 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--output-dir", help="also write evaluation.md and evaluation.json into this folder")
     evaluate.set_defaults(handler=_evaluate)
 
+
+def _add_generate_command(commands: Any) -> None:
     generate = commands.add_parser(
         "generate",
         help="sample sequences from a checkpoint",
@@ -165,7 +199,6 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=_integer(0), help="sampling seed (default: random)")
     generate.add_argument("--deterministic", action="store_true", help="take the most likely token instead of sampling")
     generate.set_defaults(handler=_generate)
-    return parser
 
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
@@ -246,10 +279,12 @@ def _train(args: argparse.Namespace) -> int:
     figures = result["figures"]
     print(result["table"])
     print()
-    print(
-        f"Trained {figures['timesteps']} timesteps in {figures['train_seconds']:.1f} s "
-        f"(mean return {figures['mean_return']:.3f}, optimum {figures['optimal_return']:g})."
+    outcome = (
+        f"test pass@1 {figures['pass@1']:.1%}"
+        if "pass@1" in figures
+        else f"mean return {figures['mean_return']:.3f}, optimum {figures['optimal_return']:g}"
     )
+    print(f"Trained {figures['timesteps']} timesteps in {figures['train_seconds']:.1f} s ({outcome}).")
     print(f"Outputs in {output}/:")
     print(f"  dashboard        {output / 'training_curves.png'}")
     print(f"  per-update log   {output / 'updates.csv'}")
@@ -298,16 +333,23 @@ def _prompt(args: argparse.Namespace, config) -> str | list[int] | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from verl_sb3.app.suites import TASK_SUITE, suite_for
     from verl_sb3.app.targets import evaluation_table, markdown_table, save_evaluation
     from verl_sb3.evaluation import evaluate_model
     from verl_sb3.generation import textgen_config
 
     model = _load(args)
-    prompt = _prompt(args, textgen_config(model))
-    figures = evaluate_model(
-        model, n_sequences=args.n_sequences, seed=args.seed, prompt=prompt, temperature=args.temperature
-    )
-    rows = evaluation_table(figures)
+    suite = suite_for(model)
+    if suite is TASK_SUITE:
+        if args.prompt is not None or args.prompt_ids is not None:
+            raise ValueError("--prompt: a task's model is evaluated on its test split, whose prompts have answers")
+        figures = suite.evaluate(model, args.n_sequences, args.seed)
+    else:
+        prompt = _prompt(args, textgen_config(model))
+        figures = evaluate_model(
+            model, n_sequences=args.n_sequences, seed=args.seed, prompt=prompt, temperature=args.temperature
+        )
+    rows = evaluation_table(figures, suite.targets)
     print(markdown_table(rows, figures))
     print()
     code = _report_targets(rows, fail_code=1)
@@ -324,6 +366,10 @@ def _generate(args: argparse.Namespace) -> int:
     model = _load(args)
     config = textgen_config(model)
     prompt = _prompt(args, config)
+    if config.compute_score is not None:
+        from verl_sb3.app.answers import print_answers
+
+        return print_answers(model, args, prompt)
     generation = generate(
         model,
         prompt,

@@ -41,10 +41,40 @@ def default_threads() -> int:
     return min(2, cores or 1)
 
 
+#: The environment of the default run.
+DEFAULT_ENV_ID = "TextGen-v0"
+#: The settings that differ from the default run's when training on a registered task (a task's
+#: reward is its score: no entropy target, no TextGen-v0 repeat or reuse checks; short answers).
+TASK_DEFAULTS: dict[str, Any] = {
+    "total_timesteps": 200_000,
+    "n_envs": 64,
+    "n_steps": 16,
+    "batch_size": 256,
+    "n_epochs": 4,
+    "gae_lambda": 0.95,
+    "learning_rate_final": None,
+    "critic_warmup": 0,
+    "target_entropy": None,
+    "repeat_mass_factor": None,
+    "max_reuse_rise": None,
+    "eval_freq": 20_000,
+    "eval_sequences": 4,
+    "final_eval_sequences": 16,
+}
+
+
 @dataclass
 class TrainConfig:
-    """Everything the training run uses; the defaults are the default run (see the README)."""
+    """Everything the training run uses; the defaults are the default run (see the README).
 
+    ``env_id`` is TextGen-v0 or a registered task (``textenv_gym.tasks``), whose own arguments
+    (``split``, difficulty, ``seed``) go in ``env_kwargs``; :meth:`from_dict` and :meth:`for_task`
+    then start from :data:`TASK_DEFAULTS`. A task sets the vocabulary and the length itself, so
+    ``vocab_size``, ``max_length`` and ``forbidden_tokens`` must keep their defaults. For a
+    task, ``eval_sequences`` and ``final_eval_sequences`` are the answers sampled per test prompt.
+    """
+
+    env_id: str = DEFAULT_ENV_ID
     total_timesteps: int = 1_200_000
     n_envs: int = 128
     seed: int = 0
@@ -128,6 +158,8 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         if isinstance(self.verbose, bool) or self.verbose not in (0, 1, 2):
             raise ValueError(f"verbose: expected 0, 1 or 2, got {self.verbose!r}")
+        if not isinstance(self.env_id, str):
+            raise ValueError(f"env_id: expected an environment id, got {self.env_id!r}")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"output_dir: expected a folder name, got {self.output_dir!r}")
         for name in ("policy_kwargs", "verification", "env_kwargs"):
@@ -149,15 +181,42 @@ class TrainConfig:
         clashing = sorted({"vocab_size", "max_length", "forbidden_tokens"} & set(self.env_kwargs))
         if clashing:
             raise ValueError(f"env_kwargs: {clashing} are settings of their own; set them there, not in env_kwargs")
-        try:
-            self.textgen = TextGenConfig(  # validates the environment's arguments now, not after setup
+        try:  # validates the environment's arguments now, not after setup
+            self.textgen = TextGenConfig(**self.environment_kwargs())
+        except TypeError as error:
+            raise ValueError(f"env_kwargs: {error}") from None
+
+    @property
+    def task(self) -> bool:
+        """Whether ``env_id`` is a registered task (else TextGen-v0)."""
+        return self.env_id != DEFAULT_ENV_ID
+
+    def environment_kwargs(self) -> dict[str, Any]:
+        """The TextGenEnv arguments of the run's environment."""
+        from textenv_gym.tasks import TASKS, task_kwargs
+
+        if not self.task:
+            return dict(
                 vocab_size=self.vocab_size,
                 max_length=self.max_length,
                 forbidden_tokens=list(self.forbidden_tokens),
                 **self.env_kwargs,
             )
-        except TypeError as error:
-            raise ValueError(f"env_kwargs: {error}") from None
+        if self.env_id not in TASKS:
+            raise ValueError(f"env_id: expected {DEFAULT_ENV_ID!r} or a task of {sorted(TASKS)}, got {self.env_id!r}")
+        changed = [
+            name
+            for name, default in (("vocab_size", 50), ("max_length", 20), ("forbidden_tokens", []))
+            if getattr(self, name) != default
+        ]
+        if changed:
+            raise ValueError(f"{', '.join(changed)}: set by the task {self.env_id}; leave them out (or use env_kwargs)")
+        return task_kwargs(self.env_id, **self.env_kwargs)
+
+    @classmethod
+    def for_task(cls, env_id: str, **settings: Any) -> TrainConfig:
+        """The configuration of a run on task ``env_id``: :data:`TASK_DEFAULTS`, then ``settings``."""
+        return cls.from_dict({"env_id": env_id, **settings})
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
@@ -176,7 +235,8 @@ class TrainConfig:
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"config: unknown settings {unknown}; known: {sorted(names)}")
-        return cls(**values)
+        defaults = TASK_DEFAULTS if values.get("env_id", DEFAULT_ENV_ID) != DEFAULT_ENV_ID else {}
+        return cls(**{**defaults, **values})
 
     @property
     def max_repeat_prob(self) -> float | None:

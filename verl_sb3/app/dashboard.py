@@ -65,7 +65,22 @@ def plot_dashboard(
     return path
 
 
+def _plot_task_evaluations(ax, evaluations: Sequence[dict]) -> None:
+    """A task's periodic evaluations on its test split: exact matches and the mean score."""
+    steps = [e["timesteps"] for e in evaluations]
+    ax.plot(steps, [e["pass@1"] for e in evaluations], "o-", color="tab:blue", ms=3, label="pass@1 (exact match)")
+    ax.plot(steps, [e["pass@k"] for e in evaluations], "s--", color="tab:cyan", ms=3,
+            label=f"pass@{evaluations[0]['k']}")  # fmt: skip
+    ax.plot(steps, [e["mean_score"] for e in evaluations], "^-", color="tab:orange", ms=3, label="mean score")
+    ax.axhline(0.95, color="gray", ls="--", lw=1, label="target pass@1 0.95")
+    ax.set(title="Periodic evaluations (test split)", xlabel="timesteps", ylabel="share of answers", ylim=(0, 1.02))
+    ax.legend(loc="lower right", fontsize=8)
+
+
 def _plot_evaluations(ax, evaluations: Sequence[dict], optimum, random_baseline, random_repetition) -> None:
+    if evaluations and "pass@1" in evaluations[0]:
+        _plot_task_evaluations(ax, evaluations)
+        return
     steps = [e["timesteps"] for e in evaluations]
     ax.plot(steps, [e["mean_return"] for e in evaluations], "o-", color="tab:blue", ms=3, label="mean return")
     if optimum is not None:

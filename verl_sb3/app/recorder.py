@@ -15,8 +15,8 @@ from stable_baselines3.common.callbacks import BaseCallback
 
 from verl_sb3.app.config import TrainConfig
 from verl_sb3.app.job import JOB_STATE_ENTRY
+from verl_sb3.app.suites import suite_for
 from verl_sb3.checkpoints import save_checkpoint
-from verl_sb3.evaluation import evaluate_model
 
 #: Seconds between two progress lines (and one at every evaluation).
 PROGRESS_SECONDS = 30.0
@@ -195,15 +195,14 @@ class TrainingRecorder(BaseCallback):
         self._csv_file.flush()
 
     def _evaluate(self) -> None:
-        figures = evaluate_model(
-            self.model, n_sequences=self.config.eval_sequences, seed=self.config.seed + len(self.evaluations)
-        )
+        suite = suite_for(self.model)
+        figures = suite.evaluate(self.model, self.config.eval_sequences, self.config.seed + len(self.evaluations))
         figures.update(timesteps=self.num_timesteps, wall_time=time.perf_counter() - self._start)
         self.evaluations.append(figures)
-        for name in ("mean_return", "repetition_rate", "entropy", "diversity"):
+        for name in suite.logged:
             self.logger.record(f"eval/{name}", figures[name])
-        if figures["mean_return"] > self.best_return:
-            self.best_return = figures["mean_return"]
+        if figures[suite.best] > self.best_return:
+            self.best_return = figures[suite.best]
             save_checkpoint(self.model, self.output / "model_checkpoints" / "best_model.zip")
 
     def _print_progress(self) -> None:
@@ -216,9 +215,5 @@ class TrainingRecorder(BaseCallback):
             f"{self.model.verification_rate:.1%} accepted at the full step, {self.model.n_undone} undone"
         )
         if self.evaluations and self.evaluations[-1]["timesteps"] == steps:
-            last = self.evaluations[-1]
-            line += (
-                f"; evaluation: return {last['mean_return']:.3f}, repetition {last['repetition_rate']:.1%}, "
-                f"entropy {last['entropy']:.2f}"
-            )
+            line += f"; evaluation: {suite_for(self.model).progress(self.evaluations[-1])}"
         print(line, flush=True)

@@ -1,4 +1,4 @@
-"""The training job's evaluation targets on TextGen-v0, and the table that scores a model against them."""
+"""The training job's evaluation targets (on TextGen-v0, on a task), and the table that scores a model against them."""
 
 from __future__ import annotations
 
@@ -61,7 +61,12 @@ DEFAULT_RUN_TARGETS = (
     Target("Repetition (default run)", "repetition_rate", "<", 0.01),
     Target("Per-token entropy", "entropy", ">=", 2.0),
 )
-PERCENT = {"repetition_rate", "violation_rate", "verification_rate", "distinct_sequences"}
+#: The bar of a run on a registered task, on its test split.
+TASK_TARGETS = (
+    Target("Exact match (pass@1)", "pass@1", ">=", 0.95),
+    Target("Answers end with the end token", "ended", ">=", 0.99),
+)
+PERCENT = {"repetition_rate", "violation_rate", "verification_rate", "distinct_sequences", "pass@1", "pass@k", "ended"}
 
 
 def _format(metric: str, value: float) -> str:

@@ -1,4 +1,4 @@
-"""The main job: train the SLM with verified PPO on TextGen-v0, record, checkpoint and evaluate.
+"""The main job: train the SLM with verified PPO on TextGen-v0 or a task, record, checkpoint and evaluate.
 
 :func:`train` runs a job in its own folder (:mod:`verl_sb3.app.job`); :func:`resume` continues
 one from its newest complete checkpoint, to the result the uninterrupted job would have had. A
@@ -30,6 +30,7 @@ from verl_sb3.app.config import TrainConfig
 from verl_sb3.app.dashboard import plot_dashboard
 from verl_sb3.app.job import JOB_STATE_ENTRY, JobError, newest_checkpoint, owned_folder
 from verl_sb3.app.recorder import TrainingRecorder
+from verl_sb3.app.suites import suite_for
 from verl_sb3.app.targets import (
     RANDOM_POLICY_REPETITION,
     RANDOM_POLICY_RETURN,
@@ -38,7 +39,6 @@ from verl_sb3.app.targets import (
     save_evaluation,
 )
 from verl_sb3.checkpoints import resume_checkpoint, save_checkpoint
-from verl_sb3.evaluation import evaluate_model
 from verl_sb3.verified import VerifiedRecurrentPPO
 from verl_sb3.warmup import CriticWarmupCallback
 
@@ -81,6 +81,8 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
         **config.verification_kwargs(),
     )
     model.env_kwargs = config.textgen.as_kwargs()
+    model.env_id = config.env_id
+    model.task_kwargs = dict(config.env_kwargs) if config.task else None
     return model
 
 
@@ -120,7 +122,8 @@ def resume(
         if changed:
             raise JobError(f"--resume {str(output)!r}: config.yaml changed since {checkpoint.name}: {changed}")
         th.set_num_threads(config.threads)
-        model = resume_checkpoint(checkpoint, build_env(config))
+        # a task's episodes end at the end token, not together: its run goes on from fresh episodes
+        model = resume_checkpoint(checkpoint, build_env(config), exact=not config.task)
         recorder = TrainingRecorder.resumed(config, output, state, _progress_lines(config))
         progress = output / "logs" / "progress.csv"
         if progress.is_file():  # SB3's CSV logger starts its file anew: keep the earlier one
@@ -157,17 +160,19 @@ def _run(
     train_seconds = recorder.elapsed  # of the whole job, an interrupted one's earlier part included
     _save_final(model, output / "model_checkpoints" / "final_model.zip")
 
-    figures = evaluate_model(model, n_sequences=config.final_eval_sequences, seed=config.seed + 10_000)
+    suite = suite_for(model)
+    figures = suite.evaluate(model, config.final_eval_sequences, config.seed + 10_000)
     figures.update(train_seconds=train_seconds, timesteps=model.num_timesteps)
-    rows = evaluation_table(figures)
+    rows = evaluation_table(figures, suite.targets)
     save_evaluation(output, figures, rows)
-    default_task = (config.vocab_size, config.max_length) == (50, 20) and not config.forbidden_tokens
+    default_task = not config.task and (config.vocab_size, config.max_length) == (50, 20)
+    default_task = default_task and not config.forbidden_tokens
     plot_dashboard(
         recorder.episode_timesteps,
         recorder.episode_returns,
         recorder.updates,
         output / "training_curves.png",
-        optimum=figures["optimal_return"],
+        optimum=figures.get("optimal_return", 1.0 if config.task else None),
         random_baseline=RANDOM_POLICY_RETURN if default_task else None,
         evaluations=recorder.evaluations,
         target_entropy=config.target_entropy,

@@ -1,0 +1,66 @@
+"""Registered tasks with reference answers: ``TextGen-Reverse-v0`` and ``TextGen-Arithmetic-v0``.
+
+Each is TextGen-v0 with its own vocabulary, prompts (a train or a test split), an end token and
+a ``compute_score``; its reward is the score alone (the diversity and repetition components
+weigh 0). ``gym.make("TextGen-Reverse-v0", split="test", length=4)``, ``gym.make_vec(...,
+vectorization_mode="vector_entry_point")`` and :func:`task_kwargs` (for
+:func:`textenv_gym.sb3_vec_env.make_textgen_vec_env`) take the task's arguments and any other
+TextGen-v0 argument, which replaces the task's.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+from textenv_gym.tasks.arithmetic import arithmetic_task
+from textenv_gym.tasks.reverse import reverse_task
+
+#: Task id -> the function giving its TextGenEnv arguments from the task's own.
+TASKS: dict[str, Callable[..., dict[str, Any]]] = {
+    "TextGen-Reverse-v0": reverse_task,
+    "TextGen-Arithmetic-v0": arithmetic_task,
+}
+
+
+def task_kwargs(env_id: str, **kwargs: Any) -> dict[str, Any]:
+    """The TextGenEnv arguments of task ``env_id``: its own arguments (``split``, difficulty,
+    ``seed``) build the task, the others replace the task's (``max_length``, ``reward_weights``...)."""
+    if env_id not in TASKS:
+        raise ValueError(f"env_id: expected one of the tasks {sorted(TASKS)}, got {env_id!r}")
+    build = TASKS[env_id]
+    own = set(inspect.signature(build).parameters)
+    return {
+        **build(**{k: v for k, v in kwargs.items() if k in own}),
+        **{k: v for k, v in kwargs.items() if k not in own},
+    }
+
+
+def task_arguments(env_id: str) -> tuple[str, ...]:
+    """The names of task ``env_id``'s own arguments."""
+    return tuple(inspect.signature(TASKS[env_id]).parameters)
+
+
+def reverse_env(**kwargs: Any):
+    from textenv_gym.text_gen import TextGenEnv
+
+    return TextGenEnv(**task_kwargs("TextGen-Reverse-v0", **kwargs))
+
+
+def reverse_vector_env(num_envs: int = 1, **kwargs: Any):
+    from textenv_gym.vector import TextGenVectorEnv
+
+    return TextGenVectorEnv(num_envs=num_envs, **task_kwargs("TextGen-Reverse-v0", **kwargs))
+
+
+def arithmetic_env(**kwargs: Any):
+    from textenv_gym.text_gen import TextGenEnv
+
+    return TextGenEnv(**task_kwargs("TextGen-Arithmetic-v0", **kwargs))
+
+
+def arithmetic_vector_env(num_envs: int = 1, **kwargs: Any):
+    from textenv_gym.vector import TextGenVectorEnv
+
+    return TextGenVectorEnv(num_envs=num_envs, **task_kwargs("TextGen-Arithmetic-v0", **kwargs))
