@@ -14,6 +14,7 @@ import zipfile
 import numpy as np
 import pytest
 import torch as th
+from checkpoint_files import replace_entries, serialized, with_data, with_training_state
 from sb3_contrib import RecurrentPPO
 from stable_baselines3 import PPO
 from stable_baselines3.common.utils import FloatSchedule
@@ -38,15 +39,6 @@ class _Planted:
         return os.system, (f"touch {self.marker}",)
 
 
-def _replace_entries(source, target, entries):
-    with zipfile.ZipFile(source) as old, zipfile.ZipFile(target, "w") as new:
-        for item in old.infolist():
-            new.writestr(item, entries.get(item.filename, old.read(item)))
-        for name in set(entries) - set(old.namelist()):
-            new.writestr(name, entries[name])
-    return target
-
-
 def plant(source, target, marker, entry="learning_rate"):
     """``source`` with ``entry`` of its data replaced by a pickle that creates ``marker``."""
     with zipfile.ZipFile(source) as archive:
@@ -55,7 +47,7 @@ def plant(source, target, marker, entry="learning_rate"):
         ":type:": "<class 'object'>",
         ":serialized:": base64.b64encode(pickle.dumps(_Planted(marker))).decode(),
     }
-    return _replace_entries(source, target, {"data": json.dumps(data).encode()})
+    return replace_entries(source, target, {"data": json.dumps(data).encode()})
 
 
 def user_check(ctx):
@@ -117,7 +109,7 @@ def test_a_planted_tensor_is_refused(saved, tmp_path):
     with zipfile.ZipFile(saved) as archive:
         data = json.loads(archive.read("data"))
     data["_last_obs"] = {":serialized:": base64.b64encode(pickle.dumps(PlantedTensor())).decode()}
-    planted = _replace_entries(saved, tmp_path / "tensor.zip", {"data": json.dumps(data).encode()})
+    planted = replace_entries(saved, tmp_path / "tensor.zip", {"data": json.dumps(data).encode()})
     with pytest.raises(UntrustedCheckpointError, match="'_last_obs' needs a tensor file holding other objects"):
         load_checkpoint(planted)
     assert not (tmp_path / "ran").exists()
@@ -134,7 +126,7 @@ def test_a_module_the_checkpoint_names_is_not_imported(saved, tmp_path, monkeypa
 
     def naming(name, bases):
         metadata = json.dumps({"algorithm": "planted_module:Evil", "bases": bases}).encode()
-        return _replace_entries(saved, tmp_path / name, {"verl_sb3.json": metadata})
+        return replace_entries(saved, tmp_path / name, {"verl_sb3.json": metadata})
 
     no_bases = naming("a.zip", [])
     with pytest.raises(UntrustedCheckpointError, match="planted_module:Evil.*cannot be imported"):
@@ -207,17 +199,6 @@ def test_a_reference_path_loads_only_tensors(saved, tmp_path):
         assert th.equal(a, b)
 
 
-def with_data(source, target, **entries):
-    with zipfile.ZipFile(source) as archive:
-        data = json.loads(archive.read("data"))
-    data.update(entries)
-    return _replace_entries(source, target, {"data": json.dumps(data).encode()})
-
-
-def serialized(raw_pickle: bytes) -> dict:
-    return {":serialized:": base64.b64encode(raw_pickle).decode()}
-
-
 def test_an_entry_a_save_never_writes_is_refused(saved, tmp_path, monkeypatch):
     (tmp_path / "planted_env.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -233,23 +214,17 @@ def test_an_entry_a_save_never_writes_is_refused(saved, tmp_path, monkeypatch):
 def test_a_recorded_class_imports_no_module_of_the_allowed_packages(saved, tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "verl_sb3.__main__", raising=False)
     metadata = json.dumps({"algorithm": "verl_sb3.__main__:main", "bases": []}).encode()
-    planted = _replace_entries(saved, tmp_path / "main.zip", {"verl_sb3.json": metadata})
+    planted = replace_entries(saved, tmp_path / "main.zip", {"verl_sb3.json": metadata})
     with pytest.raises(UntrustedCheckpointError, match="cannot be imported"):
         load_checkpoint(planted)  # importing verl_sb3.__main__ would run the command line
     assert "verl_sb3.__main__" not in sys.modules
 
 
 def test_a_training_state_names_only_numpys_bit_generators(saved, tmp_path):
-    with zipfile.ZipFile(saved) as archive:
-        raw = archive.read("verl_sb3_training_state.npz")
-    with np.load(io.BytesIO(raw)) as state:
-        arrays = {name: state[name] for name in state.files}
-    meta = json.loads(str(arrays["meta"]))
-    meta["action_space_random"] = {"bit_generator": "seed"}  # numpy.random.seed() would reseed from the OS
-    arrays["meta"] = np.array(json.dumps(meta))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    planted = _replace_entries(saved, tmp_path / "state.zip", {"verl_sb3_training_state.npz": buffer.getvalue()})
+    def change(arrays, meta):
+        meta["action_space_random"] = {"bit_generator": "seed"}  # numpy.random.seed() would reseed from the OS
+
+    planted = with_training_state(saved, tmp_path / "state.zip", change)
     with pytest.raises(CheckpointError, match="random generator 'seed' is not one of"):
         load_checkpoint(planted)
 
@@ -324,16 +299,10 @@ def test_arrays_and_generators_load_as_checked_copies(saved):
 
 
 def test_a_training_state_with_an_out_of_range_position_is_refused(saved, tmp_path):
-    with zipfile.ZipFile(saved) as archive:
-        raw = archive.read("verl_sb3_training_state.npz")
-    with np.load(io.BytesIO(raw)) as state:
-        arrays = {name: state[name] for name in state.files}
-    meta = json.loads(str(arrays["meta"]))
-    meta["numpy_random"]["pos"] = 10**8  # numpy would read far out of its 624 keys
-    arrays["meta"] = np.array(json.dumps(meta))
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    planted = _replace_entries(saved, tmp_path / "pos.zip", {"verl_sb3_training_state.npz": buffer.getvalue()})
+    def change(arrays, meta):
+        meta["numpy_random"]["pos"] = 10**8  # numpy would read far out of its 624 keys
+
+    planted = with_training_state(saved, tmp_path / "pos.zip", change)
     with pytest.raises(CheckpointError, match="numpy's random state is not a valid MT19937 state"):
         load_checkpoint(planted)
 
@@ -349,7 +318,7 @@ def test_the_files_tensorboard_folder_is_not_used(saved, tmp_path):
 def test_a_reference_with_a_planted_tensor_file_is_a_value_error(saved, tmp_path):
     buffer = io.BytesIO()
     th.save({"x": _Planted(tmp_path / "ran")}, buffer)
-    planted = _replace_entries(saved, tmp_path / "reference.zip", {"policy.pth": buffer.getvalue()})
+    planted = replace_entries(saved, tmp_path / "reference.zip", {"policy.pth": buffer.getvalue()})
     with pytest.raises(ValueError, match="reference: cannot load a saved model from"):
         small_recurrent(ref_kl_coef=0.1, reference=planted)
     assert not (tmp_path / "ran").exists()

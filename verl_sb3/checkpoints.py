@@ -34,8 +34,8 @@ from verl_sb3.trust import (
     SafeLoadMixin,
     UntrustedCheckpointError,
     algorithm_class,
-    never_saved,
-    safe_custom_objects,
+    check_loaded,
+    untrusted_load_kwargs,
 )
 
 __all__ = ["CheckpointError", "UntrustedCheckpointError", "load_checkpoint", "resume_checkpoint", "save_checkpoint"]
@@ -180,13 +180,12 @@ def load_checkpoint(
             cls = cls or _algorithm_class(archive, path, trusted)
             state = archive.read(TRAINING_STATE_ENTRY) if TRAINING_STATE_ENTRY in archive.namelist() else None
         if not trusted:
-            given = kwargs.get("custom_objects")
-            safe = safe_custom_objects(io.BytesIO(data), given, str(path), never_saved(cls))
-            kwargs["custom_objects"] = {**safe, **(given or {})}
-            kwargs.setdefault("tensorboard_log", None)  # where learn() writes: not the file's to say
+            kwargs = untrusted_load_kwargs(data, cls, str(path), kwargs)
         if issubclass(cls, SafeLoadMixin):
             kwargs["trusted"] = True  # its pickles are already rebuilt (or trusted)
         model = cls.load(io.BytesIO(data), env=env, **kwargs)
+        if not trusted:
+            check_loaded(model, data, str(path))
         if restore_training_state and state is not None:
             _restore_training_state(model, state, path)
         return model
@@ -382,6 +381,16 @@ def _training_state_bytes(model: BaseAlgorithm) -> bytes:
     return buffer.getvalue()
 
 
+def _valid_torch_rng_state(state: np.ndarray) -> bool:
+    """A CPU generator's state as torch writes it: its size, and a Mersenne twister position that
+    stays within the 624 words of state (torch checks neither ``left`` nor ``next``, and reads past them)."""
+    if state.dtype != np.uint8 or state.shape != tuple(th.get_rng_state().shape):
+        return False
+    raw = state.tobytes()  # torch's CPUGeneratorImplStateLegacy: seed u64, left i32, seeded i32, next u64, ...
+    left, next_word = int(np.frombuffer(raw[8:12], np.int32)[0]), int(np.frombuffer(raw[16:24], np.uint64)[0])
+    return left >= 1 and next_word + left <= 625
+
+
 def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> None:
     with np.load(io.BytesIO(data), allow_pickle=False) as archive:
         arrays = {name: archive[name] for name in archive.files}
@@ -389,6 +398,8 @@ def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> No
     if meta.get("format") != 1:
         raise CheckpointError(f"checkpoint {str(path)!r}: training state of unknown format {meta.get('format')!r}")
     python = meta["python_random"]
+    if not (python["gauss_next"] is None or type(python["gauss_next"]) is float):
+        raise CheckpointError(f"checkpoint {str(path)!r}: Python's random state has a gauss_next that is not a number")
     random.setstate((python["version"], tuple(int(x) for x in arrays["python_random"]), python["gauss_next"]))
     legacy = meta["numpy_random"]
     keys = arrays["numpy_random"]
@@ -403,6 +414,8 @@ def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> No
     ):
         raise CheckpointError(f"checkpoint {str(path)!r}: numpy's random state is not a valid MT19937 state")
     np.random.set_state((legacy["name"], keys, legacy["pos"], legacy["has_gauss"], legacy["cached_gaussian"]))
+    if not _valid_torch_rng_state(arrays["torch_random"]):
+        raise CheckpointError(f"checkpoint {str(path)!r}: torch's random state is not a valid CPU generator state")
     th.set_rng_state(th.from_numpy(arrays["torch_random"].copy()))
     space_state = meta["action_space_random"]
     if space_state is not None and model.action_space is not None:

@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch as th
 
+from verl_sb3.bounded_unpickler import BoundedUnpickler, objects_in
+
 #: The pickles of SB3, sb3-contrib, Gymnasium, numpy and verl_sb3 objects name these, by module.
 _ALLOWED_NAMES: dict[str, tuple[str, ...]] = {
     "builtins": ("set", "frozenset", "complex"),
@@ -287,10 +289,25 @@ REPLACED: dict[tuple[str, str], Any] = {
 }
 
 
-class RestrictedUnpickler(pickle._Unpickler):
-    """See the module: :data:`ALLOWED` globals, :data:`REPLACED` builders, BUILD on allowed instances only."""
+#: Classes besides the buildable ones (:meth:`RestrictedUnpickler.buildable`) that a pickle may call.
+_CALLABLE = (
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "complex"),
+    ("collections", "OrderedDict"),
+    ("collections", "deque"),
+    ("torch", "Size"),
+    ("sb3_contrib.common.recurrent.type_aliases", "RNNStates"),
+)
+_BUILDERS = tuple(builder for builder in REPLACED.values() if callable(builder))
+
+
+class RestrictedUnpickler(BoundedUnpickler):
+    """See the module: :data:`ALLOWED` globals, :data:`REPLACED` builders, BUILD on allowed instances only
+    (and objects of a bounded shape: :class:`~verl_sb3.bounded_unpickler.BoundedUnpickler`)."""
 
     _buildable: tuple[type, ...] | None = None
+    _callable: tuple[Any, ...] | None = None
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in REPLACED:
@@ -300,9 +317,9 @@ class RestrictedUnpickler(pickle._Unpickler):
         return super().find_class(module, name)
 
     def load_build(self) -> None:
-        target = self.stack[-2]
+        target, state = self.stack[-2], self.stack[-1]
         if isinstance(target, _Pending):
-            state = self.stack.pop()
+            self.stack.pop()
             built = target.build(state)
             self.stack[-1] = built
             for key, value in list(self.memo.items()):
@@ -310,18 +327,38 @@ class RestrictedUnpickler(pickle._Unpickler):
                     self.memo[key] = built
             return
         if isinstance(target, np.dtype):
-            if self.stack[-1] != target.__reduce__()[2]:
+            if state != target.__reduce__()[2]:
                 raise _refuse(f"a numpy dtype {target} with other flags or fields than its own")
         elif type(target) not in self.buildable():
             kind = f"the class {_name(target)}" if isinstance(target, type) else f"a {_name(type(target))} object"
             raise _refuse(f"a change to {kind}")
+        else:
+            for part in state if isinstance(state, tuple) else (state,):
+                if isinstance(part, dict) and any(not isinstance(k, str) or k.startswith("__") for k in part):
+                    raise _refuse(f"a {_name(type(target))} object given special attributes ({sorted(map(str, part))})")
         super().load_build()
 
-    dispatch = {**pickle._Unpickler.dispatch, pickle.BUILD[0]: load_build}
+    def _calls(self, load: Any, position: int) -> Any:
+        def checked(self: RestrictedUnpickler) -> None:
+            function = self.stack[position]
+            if not (any(function is builder for builder in _BUILDERS) or function in self.callable()):
+                raise _refuse(f"a call of {_name(function) if isinstance(function, type) else repr(function)}")
+            load(self)
+
+        return checked
+
+    dispatch = dict(BoundedUnpickler.dispatch)
+    dispatch[pickle.BUILD[0]] = load_build
+    for _opcode, _position in ((pickle.REDUCE, -2), (pickle.NEWOBJ, -2), (pickle.NEWOBJ_EX, -3)):
+        dispatch[_opcode[0]] = _calls(None, BoundedUnpickler.dispatch[_opcode[0]], _position)
+    del _opcode, _position
+    for _opcode in (pickle.OBJ, pickle.INST):  # protocol 0 and 1's calls: never in a saved model
+        dispatch.pop(_opcode[0])
+    del _opcode
 
     @classmethod
     def buildable(cls) -> tuple[type, ...]:
-        """The allowed Python classes whose instances BUILD may set the state of."""
+        """The allowed Python classes whose instances BUILD may set the state of (torch modules excepted)."""
         if cls._buildable is None:
             import importlib
 
@@ -329,12 +366,27 @@ class RestrictedUnpickler(pickle._Unpickler):
             for module, name in ALLOWED:
                 if module.startswith(_BUILDABLE_PACKAGES):
                     found = getattr(importlib.import_module(module), name)
-                    if isinstance(found, type):
+                    if isinstance(found, type) and not issubclass(found, th.nn.Module):
                         classes.append(found)
             cls._buildable = tuple(classes)
         return cls._buildable
 
+    @classmethod
+    def callable(cls) -> tuple[Any, ...]:
+        """The allowed classes a pickle may call: the buildable ones, containers, ``torch.Size``, ``RNNStates``."""
+        if cls._callable is None:
+            import importlib
+
+            found = tuple(getattr(importlib.import_module(module), name) for module, name in _CALLABLE)
+            cls._callable = cls.buildable() + found
+        return cls._callable
+
 
 def restricted_loads(data: bytes) -> Any:
     """``pickle.loads`` with :class:`RestrictedUnpickler`."""
-    return RestrictedUnpickler(io.BytesIO(data)).load()
+    loaded = RestrictedUnpickler(io.BytesIO(data)).load()
+    buildable = RestrictedUnpickler.buildable()
+    for obj in objects_in(loaded, lambda candidate: type(candidate) in buildable):
+        if isinstance(obj, (_Pending, _Marker)):
+            raise _refuse(f"an incomplete object ({obj!r} left unbuilt)")
+    return loaded

@@ -26,9 +26,18 @@ import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import open_path
 
+from verl_sb3.checkpoint_tensors import check_optimizer_states, check_torch_entries
 from verl_sb3.safe_unpickle import ALLOWED, restricted_loads
 
-__all__ = ["ALLOWED", "CheckpointError", "SafeLoadMixin", "UntrustedCheckpointError", "safe_custom_objects"]
+__all__ = [
+    "ALLOWED",
+    "CheckpointError",
+    "SafeLoadMixin",
+    "UntrustedCheckpointError",
+    "check_loaded",
+    "safe_custom_objects",
+    "untrusted_load_kwargs",
+]
 
 
 class CheckpointError(ValueError):
@@ -86,7 +95,7 @@ def safe_custom_objects(
             objects[entry] = restricted_loads(base64.b64decode(value[":serialized:"]))
         except pickle.UnpicklingError as error:
             raise UntrustedCheckpointError(
-                f"checkpoint {name!r}: entry {entry!r} needs {error} to be loaded, which may run code; "
+                f"checkpoint {name!r}: entry {entry!r} needs {error}, which a file not trusted may not build; "
                 "load it with trusted=True (the command line: --trust-checkpoint) only if you trust the file, or "
                 f"give custom_objects={{{entry!r}: ...}}"
             ) from None
@@ -143,12 +152,34 @@ class SafeLoadMixin:
         """
         if not trusted:
             data, name = read_model(path)
-            safe = safe_custom_objects(io.BytesIO(data), custom_objects, name, never_saved(cls))
-            path, custom_objects = io.BytesIO(data), {**safe, **(custom_objects or {})}
-            kwargs.setdefault("tensorboard_log", None)  # where learn() writes: not the file's to say
+            kwargs = untrusted_load_kwargs(data, cls, name, {**kwargs, "custom_objects": custom_objects})
+            model = super().load(  # type: ignore[misc]
+                io.BytesIO(data), env, device, print_system_info=print_system_info, force_reset=force_reset, **kwargs
+            )
+            check_loaded(model, data, name)
+            return model
         return super().load(  # type: ignore[misc]
             path, env, device, custom_objects, print_system_info, force_reset, **kwargs
         )
+
+
+def untrusted_load_kwargs(data: bytes, cls: type[BaseAlgorithm], name: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of SB3's ``load`` for the saved model ``data`` not trusted: its pickled
+    entries rebuilt (:func:`safe_custom_objects`), after its torch entries are checked
+    (:func:`~verl_sb3.checkpoint_tensors.check_torch_entries`), and no ``tensorboard_log`` from the file."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        check_torch_entries(archive, cls, name, UntrustedCheckpointError)
+    given = kwargs.get("custom_objects")
+    safe = safe_custom_objects(io.BytesIO(data), given, name, never_saved(cls))
+    # tensorboard_log: where learn() writes is not the file's to say
+    return {**kwargs, "custom_objects": {**safe, **(given or {})}, "tensorboard_log": kwargs.get("tensorboard_log")}
+
+
+def check_loaded(model: BaseAlgorithm, data: bytes, name: str) -> None:
+    """What a model loaded from ``data`` not trusted is checked for: its optimizers' states
+    (:func:`~verl_sb3.checkpoint_tensors.check_optimizer_states`)."""
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        check_optimizer_states(model, archive, name, UntrustedCheckpointError)
 
 
 def _name(source: Any) -> str:

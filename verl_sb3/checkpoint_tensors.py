@@ -1,0 +1,106 @@
+"""The torch entries of a checkpoint not trusted: what SB3's loader does with them, checked.
+
+SB3's ``load`` reads each ``NAME.pth`` entry with ``weights_only`` (tensors only) but then uses
+the names: it loads the state dict into the model's attribute ``NAME`` (a dotted path), and for
+each key of ``pytorch_variables.pth`` it sets ``<key>.data`` on the model, along any attribute
+path (``policy.__class__...`` reaches torch's classes for the whole process). An optimizer state
+is loaded as it is, and torch's fused kernels write as many elements as a parameter has into its
+state's tensors, whatever their size. So, for a file not trusted:
+
+- an entry's name is a dotted path of public attribute names;
+- ``pytorch_variables.pth`` names only the tensors the algorithm saves there (SAC's
+  ``log_ent_coef``...), and holds tensors;
+- after loading, each optimizer keeps the implementation flags it was built with (``fused``,
+  ``foreach``, ``capturable``, ``differentiable``) and its state tensors have their parameters' shapes.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import zipfile
+
+import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.save_util import recursive_getattr
+
+__all__ = ["check_optimizer_states", "check_torch_entries", "tensor_variables"]
+
+#: Tensors that SB3 and sb3-contrib algorithms save in ``pytorch_variables.pth`` (SAC's, TQC's, CrossQ's).
+KNOWN_TENSOR_VARIABLES = frozenset({"log_ent_coef", "ent_coef_tensor"})
+_VARIABLE_ENTRIES = ("pytorch_variables.pth", "tensors.pth")  # SB3 reads both names
+_ATTRIBUTE_PATH = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
+_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+_SCALAR_STATES = frozenset({"step", "mu_product"})  # the others have their parameter's shape
+
+
+def tensor_variables(cls: type[BaseAlgorithm]) -> frozenset[str]:
+    """The names ``cls`` may save in ``pytorch_variables.pth``: its ``_get_torch_save_params``'s
+    (when a bare instance can tell) and :data:`KNOWN_TENSOR_VARIABLES`."""
+    try:
+        _, names = cls._get_torch_save_params(object.__new__(cls))
+    except Exception:  # the list depends on the model's settings: SAC's
+        names = []
+    return KNOWN_TENSOR_VARIABLES | frozenset(names)
+
+
+def _refusal(error: type[Exception], name: str, entry: str, why: str) -> Exception:
+    return error(
+        f"checkpoint {name!r}: entry {entry!r} {why}, which a saved model never holds; load it with trusted=True "
+        "only if you trust the file"
+    )
+
+
+def check_torch_entries(archive: zipfile.ZipFile, cls: type[BaseAlgorithm], name: str, error: type[Exception]) -> None:
+    """Refuse (with ``error``) a ``.pth`` entry whose name or ``pytorch_variables`` SB3's loader would misuse."""
+    for entry in archive.namelist():
+        if not entry.endswith(".pth"):
+            continue
+        if entry in _VARIABLE_ENTRIES:
+            variables = th.load(io.BytesIO(archive.read(entry)), weights_only=True)
+            allowed = tensor_variables(cls)
+            if not isinstance(variables, dict):
+                raise _refusal(error, name, entry, f"holds a {type(variables).__name__} (a dict of tensors expected)")
+            unknown = sorted(str(key) for key in variables if key not in allowed)
+            if unknown:
+                raise _refusal(error, name, entry, f"names {unknown} (only {sorted(allowed)} may be there)")
+            if not all(value is None or isinstance(value, th.Tensor) for value in variables.values()):
+                raise _refusal(error, name, entry, "holds other values than tensors")
+        elif not _ATTRIBUTE_PATH.fullmatch(entry[: -len(".pth")]):
+            raise _refusal(error, name, entry, "is not named after a public attribute of the model")
+
+
+def check_optimizer_states(model: BaseAlgorithm, archive: zipfile.ZipFile, name: str, error: type[Exception]) -> None:
+    """Refuse a loaded model whose optimizers (from the file's ``.pth`` entries) changed their
+    implementation flags or hold state tensors of other shapes than their parameters'."""
+    for entry in archive.namelist():
+        if not entry.endswith(".pth") or entry in _VARIABLE_ENTRIES:
+            continue
+        optimizer = recursive_getattr(model, entry[: -len(".pth")])
+        if isinstance(optimizer, th.optim.Optimizer):
+            why = _optimizer_fault(optimizer)
+            if why:
+                raise _refusal(error, name, entry, why)
+
+
+def _optimizer_fault(optimizer: th.optim.Optimizer) -> str | None:
+    for group in optimizer.param_groups:
+        for flag in _IMPLEMENTATION_FLAGS:
+            if flag in group and group[flag] != optimizer.defaults.get(flag):  # left out: torch's default
+                built = optimizer.defaults.get(flag)
+                return f"sets the optimizer's {flag}={group.get(flag)!r} (it was built with {built!r})"
+    parameters = {id(p): p for group in optimizer.param_groups for p in group["params"]}
+    for parameter, state in optimizer.state.items():
+        if id(parameter) not in parameters or not isinstance(state, dict):
+            return "holds an optimizer state for something else than the model's parameters"
+        for key, value in state.items():
+            if isinstance(value, th.Tensor):
+                scalar = key in _SCALAR_STATES
+                if (value.numel() != 1) if scalar else (value.shape != parameter.shape):
+                    return (
+                        f"holds an optimizer state {key!r} of shape {tuple(value.shape)} for a parameter of shape "
+                        f"{tuple(parameter.shape)}"
+                    )
+            elif not (value is None or isinstance(value, (int, float))):
+                return f"holds an optimizer state {key!r} of type {type(value).__name__}"
+    return None
