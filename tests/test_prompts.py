@@ -198,8 +198,29 @@ def test_compute_score_gets_the_decoded_answer_and_the_reference():
     assert calls[-1][1] == "a" and calls[-1][2] != "a"
 
 
+def test_compute_score_is_called_with_keywords_as_verl_calls_it():
+    def reordered(solution_str, ground_truth, data_source=None, *, extra_info=None):
+        return float(solution_str == ground_truth)
+
+    env = TextGenEnv(**TASK, compute_score=reordered, reward_weights={"diversity": 0.0, "repetition": 0.0})
+    env.reset(options={"prompt": RECORDS[0]})
+    env.step(VOCABULARY.index("b")), env.step(VOCABULARY.index("a"))
+    assert env.step(VOCABULARY.index("<end>"))[1] == 1.0
+
+
+def test_verl_records_load_and_chat_messages_are_refused_with_a_reason():
+    row = {"prompt": "a b =", "data_source": "d", "ability": "reverse", "reward_model": {"style": "rule",
+           "ground_truth": "b a"}, "extra_info": {"index": 0}}  # fmt: skip
+    _, info = TextGenEnv(**{**TASK, "prompts": [row]}).reset(seed=0)
+    assert info["ground_truth"] == "b a" and info["data_source"] == "d"
+    with pytest.raises(ValueError, match=r"prompts\[0\]: chat messages .* are not supported"):
+        TextGenEnv(**{**TASK, "prompts": [{**row, "prompt": [{"role": "user", "content": "a b ="}]}]})
+    with pytest.raises(ValueError, match="prompts\\[0\\]: prompt: expected integer token ids"):
+        TextGenEnv(**{**TASK, "prompts": [[1.0, 2.0]]})  # not silently cast
+
+
 def test_the_score_is_weighted_like_any_component_and_added_to_the_default_reward():
-    env = TextGenEnv(**TASK, compute_score=lambda *args: 0.75, reward_weights={"score": 2.0})
+    env = TextGenEnv(**TASK, compute_score=lambda **scored: 0.75, reward_weights={"score": 2.0})
     env.reset(options={"prompt": "a b ="})
     _, reward, terminated, _, info = env.step(VOCABULARY.index("<end>"))
     components = info["reward_components"]
@@ -283,10 +304,10 @@ def test_bad_task_arguments_name_themselves(kwargs, match):
 @pytest.mark.parametrize(
     "scorer, match",
     [
-        (lambda *a: 1 / 0, r"compute_score \(.*<lambda>\): raised ZeroDivisionError"),
-        (lambda *a: math.nan, r"compute_score \(.*\): returned the non-finite score nan for 'a'"),
-        (lambda *a: "1.0", r"compute_score \(.*\): returned '1.0', expected a number"),
-        (lambda *a: {"acc": 1.0}, r"compute_score \(.*\): returned a dict without 'score'"),
+        (lambda **scored: 1 / 0, r"compute_score \(.*<lambda>\): raised ZeroDivisionError"),
+        (lambda **scored: math.nan, r"compute_score \(.*\): returned the non-finite score nan for 'a'"),
+        (lambda **scored: "1.0", r"compute_score \(.*\): returned '1.0', expected a number"),
+        (lambda **scored: {"acc": 1.0}, r"compute_score \(.*\): returned a dict without 'score'"),
     ],
 )
 def test_a_failing_compute_score_names_itself_and_leaves_the_episode_as_it_was(scorer, match):
@@ -306,3 +327,51 @@ def test_a_failing_callable_source_names_itself():
         TextGenEnv(**{**TASK, "prompts": broken}).reset(seed=0)
     with pytest.raises(ValueError, match=r"prompts \(<lambda>\): text: unknown words"):
         TextGenEnv(**{**TASK, "prompts": lambda rng: "zebra"}).reset(seed=0)
+
+
+@pytest.mark.parametrize("form", ["gymnasium", "sb3"])
+def test_a_prompt_that_cannot_be_drawn_at_an_autoreset_undoes_the_whole_step(form):
+    calls = {"n": 0, "fail": False}
+
+    def flaky(rng):
+        calls["n"] += 1
+        if calls["fail"]:
+            raise ConnectionError("dataset offline")
+        return RECORDS[int(rng.integers(3))]
+
+    kwargs = dict(vocabulary=VOCABULARY, max_length=5, prompts=flaky)
+    if form == "gymnasium":
+        env = TextGenVectorEnv(num_envs=4, group_size=2, **kwargs)
+        env.reset(seed=0)
+        env.step(np.zeros(4, dtype=np.int64))
+        env.step(np.zeros(4, dtype=np.int64))  # the 3-token prompts and max_length 5: the episodes end
+    else:
+        env = TextGenVecEnv(4, seed=0, group_size=2, **kwargs)
+        env.reset()
+        env.step(np.zeros(4, dtype=np.int64))  # the next step ends the episodes and autoresets
+    before = env.sequences.tokens.copy(), env.sequences.lengths.copy(), env.starter.episode.copy()
+    rng_state = (env.np_random if form == "gymnasium" else env._rng).bit_generator.state
+    calls["fail"] = True
+    with pytest.raises(ValueError, match=r"prompts \(flaky\): raised ConnectionError"):
+        env.step(np.ones(4, dtype=np.int64))
+    assert np.array_equal(env.sequences.tokens, before[0]) and np.array_equal(env.sequences.lengths, before[1])
+    assert np.array_equal(env.starter.episode, before[2])
+    assert (env.np_random if form == "gymnasium" else env._rng).bit_generator.state == rng_state
+    calls["fail"] = False
+    env.step(np.ones(4, dtype=np.int64))  # the same step again, now that the source works
+    episodes = env.starter.episode
+    assert list(episodes) == [1, 1, 1, 1] and list(env.sequences.lengths) == [3, 3, 3, 3]
+    for row in range(4):  # the groups still answer the same prompts
+        assert env.sequences.records[row] is env.sequences.records[row - row % 2]
+
+
+def test_sb3_set_options_are_checked_when_given():
+    env = TextGenVecEnv(4, seed=0, **TASK)
+    with pytest.raises(ValueError, match=r"set_options\[1\]\['prompt'\]: .*unknown words"):
+        env.set_options([{}, {"prompt": "zebra"}, {}, {}])
+    with pytest.raises(ValueError, match="set_options: 3 options for 4 environments"):
+        env.set_options([{"prompt": "a b ="}] * 3)
+    env.reset()  # the refused options were not kept
+    env.set_options({"prompt": "c d ="})
+    env.reset()
+    assert {info["prompt"] for info in env.reset_infos} == {"c d ="}

@@ -122,8 +122,13 @@ def test_the_command_line_evaluates_and_samples_a_tasks_model(task_job):
     checkpoint = str(output / "model_checkpoints" / "final_model.zip")
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main(["evaluate", checkpoint, "--n-sequences", "2"])
+        code = main(["evaluate", checkpoint, "--n-sequences", "2", "--threads", "2"])
     assert code == 1 and "| Exact match (pass@1) | pass@1 | >= 95.0% |" in stdout.getvalue()
+    assert "| k | 2 |" in stdout.getvalue()
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        main(["evaluate", checkpoint])
+    assert "| k | 8 |" in stdout.getvalue()  # a task's default: 8 answers per test prompt
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["generate", checkpoint, "--num-sequences", "3", "--seed", "0"]) == 0
@@ -144,3 +149,9 @@ def test_train_takes_an_env_and_its_arguments_on_the_command_line(tmp_path):
         "n_symbols": 3,
     }
     assert main(["train", "--env-kwargs", "[1, 2]", "--output-dir", str(tmp_path / "x")]) == 2
+    for env in ([], ["--env", REVERSE]):
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr):
+            assert main(["train", *env, "--env-kwargs", "{lenght: 2}", "--output-dir", str(tmp_path / "y")]) == 2
+        assert "env_kwargs: " in stderr.getvalue() and "unknown arguments ['lenght']" in stderr.getvalue()
+        assert not (tmp_path / "y").exists()

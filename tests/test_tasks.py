@@ -103,6 +103,9 @@ def test_all_env_forms_build_and_other_arguments_replace_the_tasks(env_id):
         ("TextGen-Reverse-v0", {"length": 9, "n_symbols": 26}, "more than 200,000"),
         ("TextGen-Arithmetic-v0", {"n_terms": 0}, "n_terms: expected an integer >= 1"),
         ("TextGen-Arithmetic-v0", {"max_value": 1.5}, "max_value: expected an integer >= 1"),
+        ("TextGen-Reverse-v0", {"seed": "a"}, r"seed: expected an integer >= 0 \(it picks the train/test split\)"),
+        ("TextGen-Reverse-v0", {"lenght": 4}, r"unknown arguments \['lenght'\]; the task's own are .*'length'"),
+        ("TextGen-Arithmetic-v0", {"n_terms": 1, "max_value": 1, "split": "test"}, "split='test': no prompt falls"),
     ],
 )
 def test_bad_task_arguments_name_themselves(env_id, kwargs, match):

@@ -231,9 +231,8 @@ def test_a_training_state_names_only_numpys_bit_generators(saved, tmp_path):
 
 def test_a_pickle_cannot_change_a_class(saved, tmp_path):
     utils = b"stable_baselines3.common.utils"
-    # BUILD with (None, {"__call__": ConstantSchedule(1e6)}) on the class itself: setattr for the whole process
-    payload = (b"c" + utils + b"\nFloatSchedule\n(N}V__call__\nc" + utils + b"\nConstantSchedule\n(F1000000.0\ntR"
-               b"stb0ccollections\ndeque\n)R.")  # fmt: skip
+    # BUILD with (None, {"value_schedule": 1e6}) on the class itself: setattr for the whole process
+    payload = b"c" + utils + b"\nFloatSchedule\n(N}Vvalue_schedule\nF1000000.0\nstb0ccollections\ndeque\n)R."
     planted = with_data(saved, tmp_path / "class.zip", ep_success_buffer=serialized(payload))
     with pytest.raises(UntrustedCheckpointError, match=r"needs a change to the class stable_\w+.common.utils.FloatSch"):
         load_checkpoint(planted)

@@ -20,7 +20,7 @@ from test_trust import ENV, saved, small_recurrent  # noqa: F401 (the fixture)
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3 import VerifiedRecurrentPPO
 from verl_sb3.bounded_unpickler import MAX_DEPTH
-from verl_sb3.checkpoints import CheckpointError, load_checkpoint, save_checkpoint
+from verl_sb3.checkpoints import CheckpointError, load_checkpoint, resume_checkpoint, save_checkpoint
 from verl_sb3.safe_unpickle import restricted_loads
 from verl_sb3.trust import UntrustedCheckpointError
 
@@ -85,13 +85,19 @@ def test_only_flat_keys_are_hashed():
         (b"\x80\x04cstable_baselines3.common.utils\nFloatSchedule\n)\x81N}V__class__\ncstable_baselines3.common.utils"
          b"\nConstantSchedule\ns\x86b.", "given special attributes"),
         # a policy built without its __init__, then given any state
-        (b"\x80\x04cverl_sb3.policies.lstm\nSLMLstmPolicy\n)\x81}b.", "a call of verl_sb3.policies.lstm.SLMLstmPolicy"),
+        (b"\x80\x04cverl_sb3.policies.lstm\nSLMLstmPolicy\n)\x81}b.", "an object of verl_sb3.policies.lstm.SLMLstm"),
+        # a space's __init__ called with a shape of the file's choosing: 12 GiB from 47 bytes
+        (b"\x80\x04cgymnasium.spaces.box\nBox\nG\x00\x00\x00\x00\x00\x00\x00\x00K\x01M@\x9cM@\x9c\x86\x87R.",
+         "a call of gymnasium.spaces.box.Box"),
+        # a frozenset created (not called) from a nested tuple: its elements hashed unchecked
+        (b"\x80\x04cbuiltins\nfrozenset\n]K\x01\x85\x85a\x85\x81.", "an object of builtins.frozenset"),
         # an allowed function called: only classes that build data, and this module's builders, are
         (b"\x80\x04ctextenv_gym.tasks.reverse\ncompute_score\n(NNNt R.".replace(b" ", b""), "a call of"),
         # a bit generator's placeholder kept in a list instead of being built
         (b"\x80\x04]cnumpy.random._pickle\n__bit_generator_ctor\nVPCG64\n\x85Ra.", "left unbuilt"),
     ],
-    ids=["__class__ in a slot state", "a module without __init__", "a function call", "a placeholder kept"],
+    ids=["__class__ in a slot state", "a module without __init__", "a space's allocation", "a frozenset created",
+         "a function call", "a placeholder kept"],
 )  # fmt: skip
 def test_objects_are_built_only_as_a_save_builds_them(payload, expected):
     with pytest.raises(pickle.UnpicklingError, match=expected):
@@ -135,14 +141,34 @@ def test_an_optimizer_state_must_fit_the_optimizer_built(saved, tmp_path):  # no
         for values in state["state"].values():
             values["exp_avg"] = th.zeros(1)
 
+    def broadcast(state):  # the right shape over one element's storage: the fused kernels write past it
+        for values in state["state"].values():
+            values["exp_avg"] = values["exp_avg"].flatten()[:1].expand(values["exp_avg"].shape)
+
     for change, expected in (
-        (fused, "sets the optimizer's fused=True"),
+        (fused, "holds the optimizer's fused=True"),
         (small, "holds an optimizer state 'exp_avg' of shape \\(1,\\)"),
+        (broadcast, "holds an optimizer state 'exp_avg' of shape .* and strides \\(0"),
     ):
         planted = _with_optimizer_state(saved, tmp_path / "optimizer.zip", change)
         for load in (load_checkpoint, VerifiedRecurrentPPO.load):
             with pytest.raises(UntrustedCheckpointError, match=f"'policy.optimizer.pth' {expected}"):
                 load(planted)
+    # the same, in the model state that a pending next-rollout judgement would restore in learn()
+    model = small_recurrent(max_reuse_rise=3.0)
+    model.learn(24)
+    assert model.rollout_judgement.pending is not None
+    before = model.rollout_judgement.pending.before
+    before.optimizer["param_groups"][0]["fused"] = True
+    with pytest.raises(UntrustedCheckpointError, match="a model state to restore with the optimizer's fused=True"):
+        load_checkpoint(save_checkpoint(model, tmp_path / "pending.zip"))
+    before.optimizer["param_groups"][0]["fused"] = None
+    before.attributes["tensorboard_log"] = str(tmp_path / "elsewhere")
+    with pytest.raises(UntrustedCheckpointError, match=r"attributes \['tensorboard_log'\] that VerifiedRecurrentPPO"):
+        load_checkpoint(save_checkpoint(model, tmp_path / "pending.zip"))
+    before.optimizer["param_groups"][0]["fused"] = True
+    with pytest.raises(ValueError, match="cannot restore the model state .* the optimizer's fused=True"):
+        before.restore(model)  # restoring refuses it too
     # a model built with a fused optimizer loads as saved
     env = make_textgen_vec_env(2, seed=0, **ENV)
     model = PPO("MlpPolicy", env, n_steps=6, batch_size=12, policy_kwargs={"optimizer_kwargs": {"fused": True}})
@@ -170,6 +196,16 @@ def test_torchs_random_state_is_checked(saved, tmp_path, left, next_word, valid)
     else:
         with pytest.raises(CheckpointError, match="torch's random state is not a valid CPU generator state"):
             load_checkpoint(planted)
+
+
+def test_lstm_states_of_another_dtype_are_refused(saved, tmp_path):  # noqa: F811
+    def change(arrays, meta):
+        for index in range(meta["last_lstm_states"]):
+            arrays[f"last_lstm_states_{index}"] = arrays[f"last_lstm_states_{index}"].astype(np.complex64)
+
+    planted = with_training_state(saved, tmp_path / "lstm.zip", change)
+    with pytest.raises(CheckpointError, match=r"last LSTM states of dtypes \['torch.complex64'\]"):
+        resume_checkpoint(planted, make_textgen_vec_env(2, seed=0, **ENV))
 
 
 def test_pythons_random_state_is_checked(saved, tmp_path):  # noqa: F811

@@ -307,9 +307,8 @@ def test_sb3_vec_env_prompt_from_set_options_and_seeded_action_space():
 @pytest.mark.parametrize("prompt", [[1, 2, 3, 4], "unknown-word"])
 def test_sb3_vec_env_bad_prompt(prompt):
     venv = TextGenVecEnv(2, max_length=4)
-    venv.set_options({"prompt": prompt})
     with pytest.raises(ValueError, match="prompt|unknown words"):
-        venv.reset()
+        venv.set_options({"prompt": prompt})  # checked when given
 
 
 def test_sb3_dummy_vec_env_of_scalar_envs_gives_the_same():

@@ -59,8 +59,6 @@ def _token_ids(name: str, values: Any, vocab_size: int) -> np.ndarray:
         return np.zeros(0, dtype=np.int64)
     if array.ndim != 1:
         raise ValueError(f"{name}: expected a flat list of token ids, got shape {array.shape}")
-    if array.dtype.kind == "f" and np.all(np.isfinite(array)) and np.all(array == np.round(array)):
-        array = array.astype(np.int64)
     if array.dtype.kind not in "iu":
         raise ValueError(f"{name}: expected integer token ids, got {values!r}")
     out_of_range = array[(array < 0) | (array >= vocab_size)]
@@ -367,6 +365,20 @@ class SequenceBatch:
         self._prompt_unique[row] = len(np.unique(ids))
         self._prompt_run[row] = run
         self.records[row] = record
+
+    _ROW_STATE = ("tokens", "lengths", "unique", "run_length", "prompt_lengths", "_prompt_tokens", "_prompt_length",
+                  "_prompt_unique", "_prompt_run")  # fmt: skip
+
+    def snapshot(self, rows: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray], list[PromptRecord]]:
+        """A copy of the sequences ``rows`` (indices) and their prompts, for :meth:`restore`."""
+        return rows, {name: getattr(self, name)[rows] for name in self._ROW_STATE}, [self.records[r] for r in rows]
+
+    def restore(self, snapshot: tuple[np.ndarray, dict[str, np.ndarray], list[PromptRecord]]) -> None:
+        rows, arrays, records = snapshot
+        for name, values in arrays.items():
+            getattr(self, name)[rows] = values
+        for row, record in zip(rows, records):
+            self.records[row] = record
 
     def reset(self, rows: np.ndarray | slice = slice(None)) -> None:
         """Start the selected sequences (a boolean mask, indices or a slice) from their prompts."""

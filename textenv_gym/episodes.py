@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -70,17 +71,35 @@ class EpisodeStarter:
             record = self.record(prompt, "options['prompt']")
             self.set_options(dict.fromkeys(range(num_envs), record))
 
+    @contextlib.contextmanager
+    def transaction(self, rng: np.random.Generator, rows: Sequence[int] | np.ndarray) -> Iterator[None]:
+        """Everything drawing and stepping change (the schedule, the episode counts, ``rng``, the
+        sequences ``rows``), put back as it was when the block raises."""
+        rows = np.asarray(rows, dtype=np.int64)
+        schedule = self.schedule.state() if self.draws else None  # without a source, drawing changes nothing
+        saved = self.episode.copy(), rng.bit_generator.state, self.sequences.snapshot(rows)
+        try:
+            yield
+        except BaseException:
+            self.episode[:], rng.bit_generator.state, sequences = saved
+            if schedule is not None:
+                self.schedule.set_state(schedule)
+            self.sequences.restore(sequences)
+            raise
+
     def start(self, rows: Sequence[int] | np.ndarray, rng: np.random.Generator, restart: bool = False) -> None:
-        """Reset ``rows`` (indices, in order) to their next episodes (all episodes anew with ``restart``)."""
-        if restart:
-            self.schedule.restart()
-        if self.draws:
-            for row in rows:
-                record, self.episode[row] = self.schedule.next(int(row), rng)
-                self.sequences.set_row_prompt(int(row), record)
-        else:
-            self.episode[rows] = 0 if restart else self.episode[rows] + 1
-        self.sequences.reset(np.asarray(rows, dtype=np.int64))
+        """Reset ``rows`` (indices, in order) to their next episodes (all episodes anew with ``restart``);
+        all of them or, when a prompt cannot be drawn or used, none."""
+        with self.transaction(rng, rows):
+            if restart:
+                self.schedule.restart()
+            if self.draws:
+                for row in rows:
+                    record, self.episode[row] = self.schedule.next(int(row), rng)
+                    self.sequences.set_row_prompt(int(row), record)
+            else:
+                self.episode[rows] = 0 if restart else self.episode[rows] + 1
+            self.sequences.reset(np.asarray(rows, dtype=np.int64))
 
     def info(self, row: int) -> dict[str, Any]:
         """The prompt keys of ``row``'s reset info (none without a prompt source)."""

@@ -6,7 +6,8 @@ ids; a record is a mapping with veRL's field names::
 
     {"prompt": "3 + 4 =", "ground_truth": "7", "data_source": "arithmetic", "extra_info": {...}}
 
-(veRL's nesting ``{"reward_model": {"ground_truth": ...}}`` is read too). :class:`PromptSource`
+(veRL's nesting ``{"reward_model": {"ground_truth": ...}}`` is read too, and its ``ability`` is
+accepted; chat messages are not prompts here). :class:`PromptSource`
 checks and encodes them; :class:`PromptSchedule` hands each environment the prompt of its next
 episode: an explicit one when given, else one drawn from the source with the environment's
 seeded generator. Environments in groups of ``group_size`` answer the same drawn prompts in the
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 
 #: The keys a prompt record may have.
-RECORD_KEYS = ("prompt", "ground_truth", "data_source", "extra_info", "reward_model")
+RECORD_KEYS = ("prompt", "ground_truth", "data_source", "extra_info", "reward_model", "ability")
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,11 @@ def make_record(item: Any, encode: Callable[[Any], np.ndarray], decode: Callable
         prompt = item["prompt"]
     else:
         prompt, ground_truth, data_source, extra_info = item, None, None, None
+    if isinstance(prompt, Sequence) and not isinstance(prompt, str) and any(isinstance(m, Mapping) for m in prompt):
+        raise ValueError(
+            f"{name}: chat messages ({prompt!r:.80}) are not supported: the environments read plain text "
+            "or token ids; give the message's text"
+        )
     if prompt is None or isinstance(prompt, (bool, bytes)) or not isinstance(prompt, (str, Sequence, np.ndarray)):
         raise ValueError(f"{name}: expected a prompt (text or a list of token ids) or a record, got {prompt!r}")
     try:
@@ -152,6 +158,14 @@ class PromptSchedule:
         self._first[:] = 0
         for drawn in self._drawn:
             drawn.clear()
+
+    def state(self) -> tuple[Any, ...]:
+        """A copy of what drawing changes, for :meth:`set_state` to put back."""
+        return self.episode.copy(), self._first.copy(), [list(drawn) for drawn in self._drawn], list(self.explicit)
+
+    def set_state(self, state: tuple[Any, ...]) -> None:
+        episode, first, drawn, explicit = state
+        self.episode[:], self._first[:], self._drawn, self.explicit = episode, first, drawn, explicit
 
     def set_explicit(self, index: int, record: PromptRecord | None) -> None:
         self.explicit[index] = record

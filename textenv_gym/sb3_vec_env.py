@@ -63,6 +63,19 @@ class TextGenVecEnv(VecEnv):
         self._rng = np.random.default_rng(seed)
         self._actions = np.zeros(num_envs, dtype=np.int64)
 
+    def set_options(self, options: list[dict] | dict | None = None) -> None:
+        """SB3's ``set_options`` (for the next ``reset``), a list of exactly ``num_envs`` dicts, their
+        prompts checked now rather than at that reset."""
+        if isinstance(options, (list, tuple)) and len(options) != self.num_envs:
+            raise ValueError(f"set_options: {len(options)} options for {self.num_envs} environments; give one each")
+        given = options if isinstance(options, (list, tuple)) else [options or {}] * self.num_envs
+        for index, option in enumerate(given):
+            if not isinstance(option, dict):
+                raise ValueError(f"set_options[{index}]: expected a dict such as {{'prompt': ...}}, got {option!r}")
+            if "prompt" in option:
+                self.starter.record(option["prompt"], f"set_options[{index}]['prompt']")
+        super().set_options(options)
+
     def reset(self) -> np.ndarray:
         if self._seeds and self._seeds[0] is not None:
             self._rng = np.random.default_rng(self._seeds[0])
@@ -78,29 +91,34 @@ class TextGenVecEnv(VecEnv):
         self._actions = validate_actions(actions, self.num_envs, self.config.vocab_size)
 
     def step_wait(self):
-        outcome = self.sequences.append(self._actions, reward_dtype=np.float32)
-        done = outcome.terminated
+        # all of the step or none: a prompt that cannot be drawn at an autoreset undoes the appends too
+        every = np.arange(self.num_envs) if self.starter.draws else np.arange(0)
+        with self.starter.transaction(self._rng, every):
+            outcome = self.sequences.append(self._actions, reward_dtype=np.float32)
+            done = outcome.terminated
+            if done.any():
+                terminal = {int(index): self.sequences.tokens[index].copy() for index in np.flatnonzero(done)}
+                lengths = {index: int(self.sequences.lengths[index]) for index in terminal}
+                finished = {index: self._finished_episode(index, outcome) for index in terminal}
+                self.starter.start(np.flatnonzero(done), self._rng)
         infos: list[dict[str, Any]] = [{} for _ in range(self.num_envs)]
         if self.config.custom_reward:
             components = {name: value.tolist() for name, value in outcome.components.items()}
             for index, info in enumerate(infos):
                 info["reward_components"] = {name: values[index] for name, values in components.items()}
         if done.any():
-            for index in np.flatnonzero(done):
+            for index in terminal:
                 infos[index].update(
                     {
-                        "terminal_observation": self.sequences.tokens[index].copy(),
-                        "length": int(self.sequences.lengths[index]),
+                        "terminal_observation": terminal[index],
+                        "length": lengths[index],
                         "diversity": float(outcome.diversity[index]),
                         "TimeLimit.truncated": False,
-                        **self._finished_episode(index, outcome),
+                        **finished[index],
                     }
                 )
-            rows = np.flatnonzero(done)
-            self.starter.start(rows, self._rng)
-            if self.starter.draws:
-                for index in rows:
-                    self.reset_infos[index] = self.starter.info(int(index))
+                if self.starter.draws:
+                    self.reset_infos[index] = self.starter.info(index)
         return self.sequences.tokens.copy(), outcome.reward.astype(np.float32), done.copy(), infos
 
     def _finished_episode(self, index: int, outcome) -> dict[str, Any]:

@@ -3,7 +3,8 @@
 ``compute_score(data_source, solution_str, ground_truth, extra_info=None)`` returns a number or a
 dict holding ``"score"`` (and anything else worth reporting), as veRL's reward functions do
 (``verl.utils.reward_score``). The environment calls it once per episode, on the step that ends
-it, with the generated text: the sequence after its prompt, the end token left out.
+it, with the generated text: the sequence after its prompt, the end token left out. It is called
+with keywords, as veRL's reward managers call it, so the parameters must have these names.
 """
 
 from __future__ import annotations
@@ -37,7 +38,9 @@ def score_answer(
     """``fn``'s score of one answer and the other keys of its dict, or a ValueError naming ``fn``."""
     name = f"compute_score ({function_name(fn)})"
     try:
-        returned = fn(data_source, solution_str, ground_truth, extra_info)
+        returned = fn(
+            data_source=data_source, solution_str=solution_str, ground_truth=ground_truth, extra_info=extra_info
+        )
     except Exception as error:
         raise ValueError(f"{name}: raised {type(error).__name__}: {error}") from error
     details: dict[str, Any] = {}

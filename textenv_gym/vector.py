@@ -156,9 +156,10 @@ class TextGenVectorEnv(VectorEnv):
         actions = validate_actions(actions, self.num_envs, self.config.vocab_size)
         resetting = self._autoreset
         rows = np.flatnonzero(~resetting)
-        if resetting.any():
-            self.starter.start(np.flatnonzero(resetting), self.np_random)
-        outcome = self.sequences.append(actions[rows], rows)
+        with self.starter.transaction(self.np_random, np.flatnonzero(resetting)):  # all of the step, or none
+            if resetting.any():
+                self.starter.start(np.flatnonzero(resetting), self.np_random)
+            outcome = self.sequences.append(actions[rows], rows)
         reward = np.zeros(self.num_envs)
         terminated = np.zeros(self.num_envs, dtype=bool)
         reward[rows] = outcome.reward

@@ -11,7 +11,9 @@ state's tensors, whatever their size. So, for a file not trusted:
 - ``pytorch_variables.pth`` names only the tensors the algorithm saves there (SAC's
   ``log_ent_coef``...), and holds tensors;
 - after loading, each optimizer keeps the implementation flags it was built with (``fused``,
-  ``foreach``, ``capturable``, ``differentiable``) and its state tensors have their parameters' shapes.
+  ``foreach``, ``capturable``, ``differentiable``) and its state tensors are dense, contiguous
+  tensors of their parameters' shapes; so are those of a saved model state a pending judgement
+  would restore, whose other attributes are only those the model rolls back.
 """
 
 from __future__ import annotations
@@ -24,14 +26,16 @@ import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import recursive_getattr
 
-__all__ = ["check_optimizer_states", "check_torch_entries", "tensor_variables"]
+from verl_sb3.bounded_unpickler import objects_in
+from verl_sb3.safe_unpickle import RestrictedUnpickler
+from verl_sb3.verification.state import ModelState, optimizer_state_fault, rollback_attribute_names
+
+__all__ = ["check_model_states", "check_optimizer_states", "check_torch_entries", "tensor_variables"]
 
 #: Tensors that SB3 and sb3-contrib algorithms save in ``pytorch_variables.pth`` (SAC's, TQC's, CrossQ's).
 KNOWN_TENSOR_VARIABLES = frozenset({"log_ent_coef", "ent_coef_tensor"})
 _VARIABLE_ENTRIES = ("pytorch_variables.pth", "tensors.pth")  # SB3 reads both names
 _ATTRIBUTE_PATH = re.compile(r"[A-Za-z][A-Za-z0-9_]*(\.[A-Za-z][A-Za-z0-9_]*)*")
-_IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
-_SCALAR_STATES = frozenset({"step", "mu_product"})  # the others have their parameter's shape
 
 
 def tensor_variables(cls: type[BaseAlgorithm]) -> frozenset[str]:
@@ -72,35 +76,26 @@ def check_torch_entries(archive: zipfile.ZipFile, cls: type[BaseAlgorithm], name
 
 def check_optimizer_states(model: BaseAlgorithm, archive: zipfile.ZipFile, name: str, error: type[Exception]) -> None:
     """Refuse a loaded model whose optimizers (from the file's ``.pth`` entries) changed their
-    implementation flags or hold state tensors of other shapes than their parameters'."""
+    implementation flags or hold other state tensors than dense ones of their parameters' shapes
+    (:func:`~verl_sb3.verification.state.optimizer_state_fault`)."""
     for entry in archive.namelist():
         if not entry.endswith(".pth") or entry in _VARIABLE_ENTRIES:
             continue
         optimizer = recursive_getattr(model, entry[: -len(".pth")])
         if isinstance(optimizer, th.optim.Optimizer):
-            why = _optimizer_fault(optimizer)
-            if why:
-                raise _refusal(error, name, entry, why)
+            fault = optimizer_state_fault(optimizer, optimizer.state_dict())
+            if fault:
+                raise _refusal(error, name, entry, f"holds {fault}")
 
 
-def _optimizer_fault(optimizer: th.optim.Optimizer) -> str | None:
-    for group in optimizer.param_groups:
-        for flag in _IMPLEMENTATION_FLAGS:
-            if flag in group and group[flag] != optimizer.defaults.get(flag):  # left out: torch's default
-                built = optimizer.defaults.get(flag)
-                return f"sets the optimizer's {flag}={group.get(flag)!r} (it was built with {built!r})"
-    parameters = {id(p): p for group in optimizer.param_groups for p in group["params"]}
-    for parameter, state in optimizer.state.items():
-        if id(parameter) not in parameters or not isinstance(state, dict):
-            return "holds an optimizer state for something else than the model's parameters"
-        for key, value in state.items():
-            if isinstance(value, th.Tensor):
-                scalar = key in _SCALAR_STATES
-                if (value.numel() != 1) if scalar else (value.shape != parameter.shape):
-                    return (
-                        f"holds an optimizer state {key!r} of shape {tuple(value.shape)} for a parameter of shape "
-                        f"{tuple(parameter.shape)}"
-                    )
-            elif not (value is None or isinstance(value, (int, float))):
-                return f"holds an optimizer state {key!r} of type {type(value).__name__}"
-    return None
+def check_model_states(model: BaseAlgorithm, name: str, error: type[Exception]) -> None:
+    """Refuse a loaded model holding a saved :class:`~verl_sb3.verification.state.ModelState`
+    (a pending judgement's state before the update) that would not fit it when restored."""
+    buildable = RestrictedUnpickler.buildable()
+    for obj in objects_in(vars(model), lambda candidate: type(candidate) in buildable):
+        if isinstance(obj, ModelState):
+            unknown = sorted(map(str, set(obj.attributes) - set(rollback_attribute_names(type(model)))))
+            fault = f"attributes {unknown} that {type(model).__name__} does not roll back" if unknown else None
+            fault = fault or obj.fault(model)
+            if fault:
+                raise _refusal(error, name, "data", f"holds a model state to restore with {fault}")

@@ -436,6 +436,11 @@ def _restore_training_state(model: BaseAlgorithm, data: bytes, path: Path) -> No
     if count is not None and template is not None:
         leaves = [th.as_tensor(arrays[f"last_lstm_states_{index}"], device=model.device) for index in range(count)]
         current = _tensor_leaves(template)
+        if any(leaf.dtype != current[0].dtype for leaf in leaves):
+            raise CheckpointError(
+                f"checkpoint {str(path)!r}: last LSTM states of dtypes {sorted({str(leaf.dtype) for leaf in leaves})} "
+                f"({current[0].dtype} expected)"
+            )
         # Another number of environments (a checkpoint loaded for another use): the states do not
         # apply; the policy starts every sequence from zero at an episode start anyway.
         if len(current) == len(leaves) and all(a.shape == b.shape for a, b in zip(current, leaves)):

@@ -289,7 +289,9 @@ REPLACED: dict[tuple[str, str], Any] = {
 }
 
 
-#: Classes besides the buildable ones (:meth:`RestrictedUnpickler.buildable`) that a pickle may call.
+#: The classes a pickle may call (REDUCE), as pickle writes them: containers, ``complex``, ``torch.Size``.
+#: The buildable classes (:meth:`RestrictedUnpickler.buildable`) are only created (NEWOBJ: no
+#: ``__init__``, so no size the file chooses is allocated) and then given their state (BUILD).
 _CALLABLE = (
     ("builtins", "set"),
     ("builtins", "frozenset"),
@@ -297,8 +299,9 @@ _CALLABLE = (
     ("collections", "OrderedDict"),
     ("collections", "deque"),
     ("torch", "Size"),
-    ("sb3_contrib.common.recurrent.type_aliases", "RNNStates"),
 )
+#: The classes besides the buildable ones that NEWOBJ may create.
+_CREATABLE = (("sb3_contrib.common.recurrent.type_aliases", "RNNStates"),)
 _BUILDERS = tuple(builder for builder in REPLACED.values() if callable(builder))
 
 
@@ -308,6 +311,7 @@ class RestrictedUnpickler(BoundedUnpickler):
 
     _buildable: tuple[type, ...] | None = None
     _callable: tuple[Any, ...] | None = None
+    _creatable: tuple[Any, ...] | None = None
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) in REPLACED:
@@ -338,20 +342,31 @@ class RestrictedUnpickler(BoundedUnpickler):
                     raise _refuse(f"a {_name(type(target))} object given special attributes ({sorted(map(str, part))})")
         super().load_build()
 
-    def _calls(self, load: Any, position: int) -> Any:
+    def _calls(self, load: Any, position: int, creates: bool) -> Any:
+        """An opcode's loader that first checks the class it calls (REDUCE) or creates (NEWOBJ)."""
+
         def checked(self: RestrictedUnpickler) -> None:
             function = self.stack[position]
-            if not (any(function is builder for builder in _BUILDERS) or function in self.callable()):
-                raise _refuse(f"a call of {_name(function) if isinstance(function, type) else repr(function)}")
+            if creates:
+                allowed = function in self.creatable()
+            else:
+                allowed = any(function is builder for builder in _BUILDERS) or function in self.callable()
+            if not allowed:
+                name = _name(function) if isinstance(function, type) else repr(function)
+                raise _refuse(f"{'an object of' if creates else 'a call of'} {name}")
             load(self)
 
         return checked
 
     dispatch = dict(BoundedUnpickler.dispatch)
     dispatch[pickle.BUILD[0]] = load_build
-    for _opcode, _position in ((pickle.REDUCE, -2), (pickle.NEWOBJ, -2), (pickle.NEWOBJ_EX, -3)):
-        dispatch[_opcode[0]] = _calls(None, BoundedUnpickler.dispatch[_opcode[0]], _position)
-    del _opcode, _position
+    for _opcode, _position, _creates in (
+        (pickle.REDUCE, -2, False),
+        (pickle.NEWOBJ, -2, True),
+        (pickle.NEWOBJ_EX, -3, True),
+    ):
+        dispatch[_opcode[0]] = _calls(None, BoundedUnpickler.dispatch[_opcode[0]], _position, _creates)
+    del _opcode, _position, _creates
     for _opcode in (pickle.OBJ, pickle.INST):  # protocol 0 and 1's calls: never in a saved model
         dispatch.pop(_opcode[0])
     del _opcode
@@ -373,13 +388,23 @@ class RestrictedUnpickler(BoundedUnpickler):
 
     @classmethod
     def callable(cls) -> tuple[Any, ...]:
-        """The allowed classes a pickle may call: the buildable ones, containers, ``torch.Size``, ``RNNStates``."""
+        """The classes a pickle may call (REDUCE): containers, ``complex`` and ``torch.Size``."""
         if cls._callable is None:
-            import importlib
-
-            found = tuple(getattr(importlib.import_module(module), name) for module, name in _CALLABLE)
-            cls._callable = cls.buildable() + found
+            cls._callable = _classes(_CALLABLE)
         return cls._callable
+
+    @classmethod
+    def creatable(cls) -> tuple[Any, ...]:
+        """The classes a pickle may create (NEWOBJ): the buildable ones and ``RNNStates``."""
+        if cls._creatable is None:
+            cls._creatable = cls.buildable() + _classes(_CREATABLE)
+        return cls._creatable
+
+
+def _classes(names: tuple[tuple[str, str], ...]) -> tuple[Any, ...]:
+    import importlib
+
+    return tuple(getattr(importlib.import_module(module), name) for module, name in names)
 
 
 def restricted_loads(data: bytes) -> Any:

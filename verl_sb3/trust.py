@@ -26,7 +26,7 @@ import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import open_path
 
-from verl_sb3.checkpoint_tensors import check_optimizer_states, check_torch_entries
+from verl_sb3.checkpoint_tensors import check_model_states, check_optimizer_states, check_torch_entries
 from verl_sb3.safe_unpickle import ALLOWED, restricted_loads
 
 __all__ = [
@@ -176,10 +176,11 @@ def untrusted_load_kwargs(data: bytes, cls: type[BaseAlgorithm], name: str, kwar
 
 
 def check_loaded(model: BaseAlgorithm, data: bytes, name: str) -> None:
-    """What a model loaded from ``data`` not trusted is checked for: its optimizers' states
-    (:func:`~verl_sb3.checkpoint_tensors.check_optimizer_states`)."""
+    """What a model loaded from ``data`` not trusted is checked for: its optimizers' states and the
+    model states it may restore (:mod:`verl_sb3.checkpoint_tensors`)."""
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         check_optimizer_states(model, archive, name, UntrustedCheckpointError)
+    check_model_states(model, name, UntrustedCheckpointError)
 
 
 def _name(source: Any) -> str:

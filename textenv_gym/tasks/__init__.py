@@ -31,10 +31,23 @@ def task_kwargs(env_id: str, **kwargs: Any) -> dict[str, Any]:
         raise ValueError(f"env_id: expected one of the tasks {sorted(TASKS)}, got {env_id!r}")
     build = TASKS[env_id]
     own = set(inspect.signature(build).parameters)
+    unknown = sorted(set(kwargs) - own - set(environment_arguments()))
+    if unknown:
+        raise ValueError(
+            f"{env_id}: unknown arguments {unknown}; the task's own are {sorted(own)}, and any TextGen-v0 "
+            f"argument replaces the task's: {sorted(environment_arguments())}"
+        )
     return {
         **build(**{k: v for k, v in kwargs.items() if k in own}),
         **{k: v for k, v in kwargs.items() if k not in own},
     }
+
+
+def environment_arguments() -> tuple[str, ...]:
+    """The names of the arguments every TextGen environment form takes (``num_envs`` aside)."""
+    from textenv_gym.vector import TextGenVectorEnv
+
+    return tuple(name for name in inspect.signature(TextGenVectorEnv).parameters if name != "num_envs")
 
 
 def task_arguments(env_id: str) -> tuple[str, ...]:

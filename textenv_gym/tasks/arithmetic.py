@@ -11,7 +11,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from textenv_gym.tasks.splits import require_positive_int, require_split, split_of
+from textenv_gym.tasks.splits import require_positive_int, require_prompts, require_seed, require_split, split_of
 
 DATA_SOURCE = "textgen/arithmetic"
 PLUS, SEPARATOR, END = "+", "=", "<end>"
@@ -38,6 +38,7 @@ def compute_score(data_source: str | None, solution_str: str, ground_truth: str,
 def arithmetic_task(split: str = "train", n_terms: int = 2, max_value: int = 9, seed: int = 0) -> dict[str, Any]:
     """The TextGenEnv arguments of the task (vocabulary, prompts with their answers, scoring)."""
     require_split(split)
+    seed = require_seed(seed)
     n_terms = require_positive_int("n_terms", n_terms, 1, 8)
     max_value = require_positive_int("max_value", max_value, 1, 999)
     if (max_value + 1) ** n_terms > MAX_PROMPTS:
@@ -53,7 +54,7 @@ def arithmetic_task(split: str = "train", n_terms: int = 2, max_value: int = 9, 
         "vocabulary": [*DIGITS, PLUS, SEPARATOR, END],
         "max_length": prompt_tokens + len(str(n_terms * max_value)) + 1,
         "eos_token": END,
-        "prompts": prompts,
+        "prompts": require_prompts(prompts, split, f"n_terms={n_terms}, max_value={max_value}, seed={seed}"),
         "compute_score": compute_score,
         "reward_weights": {"diversity": 0.0, "repetition": 0.0},
     }

@@ -11,7 +11,7 @@ import itertools
 import string
 from typing import Any
 
-from textenv_gym.tasks.splits import require_positive_int, require_split, split_of
+from textenv_gym.tasks.splits import require_positive_int, require_prompts, require_seed, require_split, split_of
 
 DATA_SOURCE = "textgen/reverse"
 SEPARATOR, END = "=", "<end>"
@@ -32,6 +32,7 @@ def compute_score(data_source: str | None, solution_str: str, ground_truth: str,
 def reverse_task(split: str = "train", length: int = 3, n_symbols: int = 8, seed: int = 0) -> dict[str, Any]:
     """The TextGenEnv arguments of the task (vocabulary, prompts with their answers, scoring)."""
     require_split(split)
+    seed = require_seed(seed)
     length = require_positive_int("length", length, 1, 32)
     n_symbols = require_positive_int("n_symbols", n_symbols, 2, 26)
     if n_symbols**length > MAX_PROMPTS:
@@ -47,7 +48,7 @@ def reverse_task(split: str = "train", length: int = 3, n_symbols: int = 8, seed
         "vocabulary": [*symbols, SEPARATOR, END],
         "max_length": 2 * length + 2,
         "eos_token": END,
-        "prompts": prompts,
+        "prompts": require_prompts(prompts, split, f"length={length}, n_symbols={n_symbols}, seed={seed}"),
         "compute_score": compute_score,
         "reward_weights": {"diversity": 0.0, "repetition": 0.0},
     }

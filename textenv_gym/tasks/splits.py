@@ -16,6 +16,18 @@ def require_split(split: Any) -> str:
     return split
 
 
+def require_seed(seed: Any) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed: expected an integer >= 0 (it picks the train/test split), got {seed!r}")
+    return seed
+
+
+def require_prompts(prompts: list, split: str, arguments: str) -> list:
+    if not prompts:
+        raise ValueError(f"split={split!r}: no prompt falls into it at {arguments}; make the task larger")
+    return prompts
+
+
 def split_of(text: str, seed: int) -> str:
     """The split of the prompt ``text``: a hash of the text and the seed, so that a prompt keeps
     its split whatever else the task generates, and the two splits never share a prompt."""

@@ -172,7 +172,9 @@ def _add_evaluate_command(commands: Any) -> None:
     )
     _add_checkpoint_arguments(evaluate)
     evaluate.add_argument(
-        "--n-sequences", type=_integer(1), default=200, help="sequences to sample (a task: answers per prompt)"
+        "--n-sequences",
+        type=_integer(1),
+        help="sequences to sample (default 200); a task's model: answers per test prompt (default 8)",
     )
     evaluate.add_argument("--seed", type=_integer(0), default=0, help="sampling seed (default 0)")
     _add_prompt_options(evaluate)
@@ -203,6 +205,7 @@ def _add_generate_command(commands: Any) -> None:
 
 def _add_checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", help="model checkpoint (.zip)")
+    parser.add_argument("--threads", type=_integer(1), default=1, help="torch threads (default 1)")
     parser.add_argument(
         "--trust-checkpoint",
         action="store_true",
@@ -310,7 +313,7 @@ def _report_targets(rows: list[dict[str, Any]], fail_code: int) -> int:
 def _load(args: argparse.Namespace):
     from verl_sb3.checkpoints import load_checkpoint
 
-    th.set_num_threads(1)
+    th.set_num_threads(args.threads)
     return load_checkpoint(args.checkpoint, trusted=args.trust_checkpoint)
 
 
@@ -343,11 +346,11 @@ def _evaluate(args: argparse.Namespace) -> int:
     if suite is TASK_SUITE:
         if args.prompt is not None or args.prompt_ids is not None:
             raise ValueError("--prompt: a task's model is evaluated on its test split, whose prompts have answers")
-        figures = suite.evaluate(model, args.n_sequences, args.seed)
+        figures = suite.evaluate(model, args.n_sequences or 8, args.seed)
     else:
         prompt = _prompt(args, textgen_config(model))
         figures = evaluate_model(
-            model, n_sequences=args.n_sequences, seed=args.seed, prompt=prompt, temperature=args.temperature
+            model, n_sequences=args.n_sequences or 200, seed=args.seed, prompt=prompt, temperature=args.temperature
         )
     rows = evaluation_table(figures, suite.targets)
     print(markdown_table(rows, figures))

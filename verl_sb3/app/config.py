@@ -193,9 +193,15 @@ class TrainConfig:
 
     def environment_kwargs(self) -> dict[str, Any]:
         """The TextGenEnv arguments of the run's environment."""
-        from textenv_gym.tasks import TASKS, task_kwargs
+        from textenv_gym.tasks import TASKS, environment_arguments, task_kwargs
 
         if not self.task:
+            unknown = sorted(set(self.env_kwargs) - set(environment_arguments()))
+            if unknown:
+                raise ValueError(
+                    f"env_kwargs: unknown arguments {unknown} of {DEFAULT_ENV_ID}; "
+                    f"it takes {sorted(environment_arguments())}"
+                )
             return dict(
                 vocab_size=self.vocab_size,
                 max_length=self.max_length,
@@ -211,7 +217,10 @@ class TrainConfig:
         ]
         if changed:
             raise ValueError(f"{', '.join(changed)}: set by the task {self.env_id}; leave them out (or use env_kwargs)")
-        return task_kwargs(self.env_id, **self.env_kwargs)
+        try:
+            return task_kwargs(self.env_id, **self.env_kwargs)
+        except ValueError as error:
+            raise ValueError(f"env_kwargs: {error}") from None
 
     @classmethod
     def for_task(cls, env_id: str, **settings: Any) -> TrainConfig:

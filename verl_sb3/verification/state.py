@@ -40,6 +40,56 @@ def rollback_attribute_names(cls: type) -> tuple[str, ...]:
     return tuple(dict.fromkeys(names))
 
 
+#: Implementation flags an optimizer is built with: a state may not change them (torch's fused
+#: kernels write a parameter's worth of elements into each state tensor, whatever its size).
+IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
+_SCALAR_STATES = frozenset({"step", "mu_product"})  # the others have their parameter's shape
+
+
+def optimizer_state_fault(optimizer: th.optim.Optimizer, state: Any) -> str | None:
+    """What makes ``state`` (an optimizer state dict) unfit for ``optimizer``: other groups or
+    implementation flags than it was built with, or state tensors that are not dense, contiguous
+    tensors of their parameters' shapes (scalars for ``step``); None when it fits."""
+    groups, tensors = (state.get("param_groups"), state.get("state")) if isinstance(state, dict) else (None, None)
+    if not (isinstance(groups, list) and isinstance(tensors, dict)):
+        return "an optimizer state that is not a state dict"
+    if len(state["param_groups"]) != len(optimizer.param_groups):
+        return f"{len(state['param_groups'])} optimizer parameter groups for {len(optimizer.param_groups)}"
+    parameters: dict[Any, th.Tensor] = {}
+    for saved, group in zip(state["param_groups"], optimizer.param_groups):
+        if not isinstance(saved, dict) or len(saved.get("params", ())) != len(group["params"]):
+            return "optimizer parameter groups of other sizes than the model's"
+        for flag in IMPLEMENTATION_FLAGS:
+            if flag in saved and saved[flag] != optimizer.defaults.get(flag):  # left out: torch's default
+                return f"the optimizer's {flag}={saved[flag]!r} (it was built with {optimizer.defaults.get(flag)!r})"
+        parameters.update(zip(saved["params"], group["params"]))
+    for key, values in state["state"].items():
+        if key not in parameters or not isinstance(values, dict):
+            return "an optimizer state for something else than the model's parameters"
+        for name, value in values.items():
+            fault = _state_tensor_fault(name, value, parameters[key])
+            if fault:
+                return fault
+    return None
+
+
+def _state_tensor_fault(name: str, value: Any, parameter: th.Tensor) -> str | None:
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return None
+    if not isinstance(value, th.Tensor):
+        return f"an optimizer state {name!r} of type {type(value).__name__}"
+    expected = "one element" if name in _SCALAR_STATES else f"shape {tuple(parameter.shape)}"
+    fits = value.numel() == 1 if name in _SCALAR_STATES else value.shape == parameter.shape
+    dense = value.layout == th.strided and value.is_contiguous() and not value.is_quantized
+    within = value.untyped_storage().nbytes() >= (value.storage_offset() + value.numel()) * value.element_size()
+    if not (fits and dense and within):
+        return (
+            f"an optimizer state {name!r} of shape {tuple(value.shape)} and strides {value.stride()} "
+            f"(a contiguous tensor of {expected} expected)"
+        )
+    return None
+
+
 @dataclass
 class ModelState:
     """The policy's and the optimizer's state, SB3's update counter and the controllers an update
@@ -61,9 +111,24 @@ class ModelState:
             label=label,
         )
 
+    def fault(self, model: BaseAlgorithm) -> str | None:
+        """What makes this state unfit for ``model`` (a state loaded from a file: another model's
+        optimizer state); None when it fits."""
+        if not (isinstance(self.policy, dict) and all(isinstance(t, th.Tensor) for t in self.policy.values())):
+            return "a policy state that is not a dict of tensors"
+        if not isinstance(self.n_updates, int) or isinstance(self.n_updates, bool):
+            return f"an update count {self.n_updates!r}"
+        return optimizer_state_fault(model.policy.optimizer, self.optimizer)
+
     def restore(self, model: BaseAlgorithm) -> None:
         """Put everything back, bit for bit. The state stays usable: the optimizer gets copies of
-        its tensors (it may keep the given ones and update them in place)."""
+        its tensors (it may keep the given ones and update them in place).
+
+        :raises ValueError: when the state does not fit the model (:meth:`fault`).
+        """
+        fault = self.fault(model)
+        if fault:
+            raise ValueError(f"cannot restore the model state {self.label!r}: it holds {fault}")
         model.policy.load_state_dict(self.policy)
         model.policy.optimizer.load_state_dict(clone_state(self.optimizer))
         model._n_updates = self.n_updates
