@@ -111,20 +111,7 @@ TRANSFORMER_RUN = dict(clip_range=0.1, n_epochs=4)
 # ---------------------------------------------------------------------------- the runs
 def slm_kwargs(config: TrainConfig) -> dict[str, Any]:
     """The default training's PPO hyper-parameters and policy_kwargs (no verification arguments)."""
-    return dict(
-        learning_rate=config.learning_rate_schedule(),
-        n_steps=config.n_steps,
-        batch_size=config.batch_size,
-        n_epochs=config.n_epochs,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        clip_range=config.clip_range,
-        ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
-        max_grad_norm=config.max_grad_norm,
-        policy_kwargs=dict(config.policy_kwargs),
-        seed=config.seed,
-    )
+    return config.ppo_kwargs()
 
 
 def transformer_kwargs(config: TrainConfig) -> dict[str, Any]:

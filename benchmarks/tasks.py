@@ -45,18 +45,7 @@ def build(env_id: str, run: str, args: argparse.Namespace) -> Any:
     model = RecurrentPPO(
         SLMLstmPolicy,
         build_env(config),
-        learning_rate=config.learning_rate_schedule(),
-        n_steps=config.n_steps,
-        batch_size=config.batch_size,
-        n_epochs=config.n_epochs,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        clip_range=config.clip_range,
-        ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
-        max_grad_norm=config.max_grad_norm,
-        policy_kwargs=dict(config.policy_kwargs),
-        seed=config.seed,
+        **config.ppo_kwargs(),
     )
     model.env_kwargs, model.env_id, model.task_kwargs = config.textgen.as_kwargs(), env_id, {}
     return model
@@ -150,7 +139,7 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
         for level in LEVELS:
             ax.axhline(level, color="gray", ls=":", lw=0.8)
         ax.set(title=f"{task}: test pass@1", xlabel="environment steps", ylabel="exact answers", ylim=(0, 1.02))
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="center right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -27,20 +27,7 @@ TARGET_OVERHEAD = 0.05
 
 def recurrent_kwargs(config: TrainConfig) -> dict:
     """The default training run's settings (without verification-only arguments)."""
-    return dict(
-        learning_rate=config.learning_rate_schedule(),
-        n_steps=config.n_steps,
-        batch_size=config.batch_size,
-        n_epochs=config.n_epochs,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        clip_range=config.clip_range,
-        ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
-        max_grad_norm=config.max_grad_norm,
-        policy_kwargs=dict(config.policy_kwargs),
-        seed=config.seed,
-    )
+    return config.ppo_kwargs()
 
 
 def seconds_per_step(cls, policy, config: TrainConfig, timesteps: int, n_envs: int, **kwargs) -> float:

@@ -93,11 +93,18 @@ def test_only_flat_keys_are_hashed():
         (b"\x80\x04cbuiltins\nfrozenset\n]K\x01\x85\x85a\x85\x81.", "an object of builtins.frozenset"),
         # an allowed function called: only classes that build data, and this module's builders, are
         (b"\x80\x04ctextenv_gym.tasks.reverse\ncompute_score\n(NNNt R.".replace(b" ", b""), "a call of"),
+        # a space given its state as a list of pairs: Space.__setstate__ takes dict(state), unchecked, and
+        # numpy reads an instance's __array_interface__: a view of any address
+        (b"\x80\x04cgymnasium.spaces.discrete\nDiscrete\n)\x81]V__array_interface__\n}\x86ab.",
+         "a gymnasium.spaces.discrete.Discrete object given a state of type builtins.list"),
+        # a record given a gymnasium Dict space as its state (it has .items(), and its keys are not checked)
+        (b"\x80\x04cverl_sb3.kl_control\nFixedKLController\n)\x81cgymnasium.spaces.dict\nDict\n)\x81}bb.",
+         "object given a state of type gymnasium.spaces.dict.Dict"),
         # a bit generator's placeholder kept in a list instead of being built
         (b"\x80\x04]cnumpy.random._pickle\n__bit_generator_ctor\nVPCG64\n\x85Ra.", "left unbuilt"),
     ],
     ids=["__class__ in a slot state", "a module without __init__", "a space's allocation", "a frozenset created",
-         "a function call", "a placeholder kept"],
+         "a function call", "a state as a list of pairs", "a state that is a space", "a placeholder kept"],
 )  # fmt: skip
 def test_objects_are_built_only_as_a_save_builds_them(payload, expected):
     with pytest.raises(pickle.UnpicklingError, match=expected):
@@ -169,6 +176,11 @@ def test_an_optimizer_state_must_fit_the_optimizer_built(saved, tmp_path):  # no
     before.optimizer["param_groups"][0]["fused"] = True
     with pytest.raises(ValueError, match="cannot restore the model state .* the optimizer's fused=True"):
         before.restore(model)  # restoring refuses it too
+    before.optimizer["param_groups"][0]["fused"] = None
+    before.attributes.pop("tensorboard_log")
+    before.policy["not_a_parameter"] = th.zeros(1)
+    with pytest.raises(UntrustedCheckpointError, match="a policy state of other entries than the policy's"):
+        load_checkpoint(save_checkpoint(model, tmp_path / "pending.zip"))
     # a model built with a fused optimizer loads as saved
     env = make_textgen_vec_env(2, seed=0, **ENV)
     model = PPO("MlpPolicy", env, n_steps=6, batch_size=12, policy_kwargs={"optimizer_kwargs": {"fused": True}})

@@ -305,6 +305,20 @@ _CREATABLE = (("sb3_contrib.common.recurrent.type_aliases", "RNNStates"),)
 _BUILDERS = tuple(builder for builder in REPLACED.values() if callable(builder))
 
 
+def _require_plain_state(target: Any, state: Any) -> None:
+    """A state as pickle writes it for a plain Python object: a dict of attribute names (or a pair
+    of such dicts or None: the ``__dict__`` and the slots), no special (``__x__``) names. Anything
+    else (another mapping, a list of pairs) would reach ``__setstate__`` or ``setattr`` unchecked."""
+    parts = state if type(state) is tuple and len(state) == 2 else (state,)
+    for part in parts:
+        if part is None and len(parts) == 2:
+            continue
+        if type(part) is not dict:
+            raise _refuse(f"a {_name(type(target))} object given a state of type {_name(type(part))}")
+        if any(type(key) is not str or key.startswith("__") for key in part):
+            raise _refuse(f"a {_name(type(target))} object given special attributes ({sorted(map(str, part))})")
+
+
 class RestrictedUnpickler(BoundedUnpickler):
     """See the module: :data:`ALLOWED` globals, :data:`REPLACED` builders, BUILD on allowed instances only
     (and objects of a bounded shape: :class:`~verl_sb3.bounded_unpickler.BoundedUnpickler`)."""
@@ -337,9 +351,7 @@ class RestrictedUnpickler(BoundedUnpickler):
             kind = f"the class {_name(target)}" if isinstance(target, type) else f"a {_name(type(target))} object"
             raise _refuse(f"a change to {kind}")
         else:
-            for part in state if isinstance(state, tuple) else (state,):
-                if isinstance(part, dict) and any(not isinstance(k, str) or k.startswith("__") for k in part):
-                    raise _refuse(f"a {_name(type(target))} object given special attributes ({sorted(map(str, part))})")
+            _require_plain_state(target, state)
         super().load_build()
 
     def _calls(self, load: Any, position: int, creates: bool) -> Any:

@@ -263,6 +263,23 @@ class TrainConfig:
             ref_kl_coef=self.ref_kl_coef,
         )
 
+    def ppo_kwargs(self) -> dict[str, Any]:
+        """The PPO arguments of the run's model (learning rate schedule, rollout, loss, policy_kwargs, seed)."""
+        return dict(
+            learning_rate=self.learning_rate_schedule(),
+            n_steps=self.n_steps,
+            batch_size=self.batch_size,
+            n_epochs=self.n_epochs,
+            gamma=self.gamma,
+            gae_lambda=self.gae_lambda,
+            clip_range=self.clip_range,
+            ent_coef=self.ent_coef,
+            vf_coef=self.vf_coef,
+            max_grad_norm=self.max_grad_norm,
+            policy_kwargs=dict(self.policy_kwargs),
+            seed=self.seed,
+        )
+
     def verification_kwargs(self) -> dict[str, Any]:
         """The verified PPO's verification arguments: this configuration's fields, then ``verification``."""
         return {**self._own_verification_kwargs(), **self.verification}

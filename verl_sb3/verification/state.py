@@ -73,6 +73,19 @@ def optimizer_state_fault(optimizer: th.optim.Optimizer, state: Any) -> str | No
     return None
 
 
+def _policy_state_fault(current: dict[str, th.Tensor], saved: Any) -> str | None:
+    if not isinstance(saved, dict) or set(saved) != set(current):
+        names = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
+        return f"a policy state of other entries than the policy's ({names})"
+    for name, tensor in current.items():
+        value = saved[name]
+        if not (isinstance(value, th.Tensor) and value.shape == tensor.shape and value.dtype == tensor.dtype
+                and value.layout == th.strided and value.is_contiguous()):  # fmt: skip
+            expected = f"a contiguous {tensor.dtype} tensor of shape {tuple(tensor.shape)}"
+            return f"a policy tensor {name!r} that is not {expected}"
+    return None
+
+
 def _state_tensor_fault(name: str, value: Any, parameter: th.Tensor) -> str | None:
     if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
         return None
@@ -114,8 +127,9 @@ class ModelState:
     def fault(self, model: BaseAlgorithm) -> str | None:
         """What makes this state unfit for ``model`` (a state loaded from a file: another model's
         optimizer state); None when it fits."""
-        if not (isinstance(self.policy, dict) and all(isinstance(t, th.Tensor) for t in self.policy.values())):
-            return "a policy state that is not a dict of tensors"
+        fault = _policy_state_fault(model.policy.state_dict(), self.policy)
+        if fault:
+            return fault
         if not isinstance(self.n_updates, int) or isinstance(self.n_updates, bool):
             return f"an update count {self.n_updates!r}"
         return optimizer_state_fault(model.policy.optimizer, self.optimizer)
