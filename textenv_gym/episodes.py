@@ -90,7 +90,7 @@ class EpisodeStarter:
     def start(self, rows: Sequence[int] | np.ndarray, rng: np.random.Generator, restart: bool = False) -> None:
         """Reset ``rows`` (indices, in order) to their next episodes (all episodes anew with ``restart``);
         all of them or, when a prompt cannot be drawn or used, none."""
-        with self.transaction(rng, rows):
+        with self.transaction(rng, rows) if self.draws else contextlib.nullcontext():  # else nothing can fail
             if restart:
                 self.schedule.restart()
             if self.draws:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import gymnasium as gym
@@ -92,8 +93,9 @@ class TextGenVecEnv(VecEnv):
 
     def step_wait(self):
         # all of the step or none: a prompt that cannot be drawn at an autoreset undoes the appends too
-        every = np.arange(self.num_envs) if self.starter.draws else np.arange(0)
-        with self.starter.transaction(self._rng, every):
+        # (without a prompt source, resetting cannot fail, and append is atomic on its own)
+        guard = self.starter.transaction(self._rng, np.arange(self.num_envs)) if self.starter.draws else nullcontext()
+        with guard:
             outcome = self.sequences.append(self._actions, reward_dtype=np.float32)
             done = outcome.terminated
             if done.any():

@@ -7,6 +7,7 @@ vectorization_mode="vector_entry_point")``), with Gymnasium's default next-step 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import numpy as np
@@ -156,7 +157,11 @@ class TextGenVectorEnv(VectorEnv):
         actions = validate_actions(actions, self.num_envs, self.config.vocab_size)
         resetting = self._autoreset
         rows = np.flatnonzero(~resetting)
-        with self.starter.transaction(self.np_random, np.flatnonzero(resetting)):  # all of the step, or none
+        # all of the step or none (without an autoreset, append is atomic on its own)
+        guard = (
+            self.starter.transaction(self.np_random, np.flatnonzero(resetting)) if resetting.any() else nullcontext()
+        )
+        with guard:
             if resetting.any():
                 self.starter.start(np.flatnonzero(resetting), self.np_random)
             outcome = self.sequences.append(actions[rows], rows)
