@@ -203,7 +203,12 @@ def test_an_entry_a_save_never_writes_is_refused(saved, tmp_path, monkeypatch):
     (tmp_path / "planted_env.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     # SB3's load would gym.make() a saved "env" string (importing its module), and set any entry on the model
-    for entry, value in (("env", "planted_env:TextGen-v0"), ("_reference_init", str(tmp_path / "elsewhere.zip"))):
+    # and a method's name: the entry would hide the method (set_parameters: the weights never loaded)
+    for entry, value in (
+        ("env", "planted_env:TextGen-v0"),
+        ("_reference_init", str(tmp_path / "elsewhere.zip")),
+        ("set_parameters", serialized(pickle.dumps(frozenset))),
+    ):
         planted = with_data(saved, tmp_path / f"{entry}.zip", **{entry: value})
         for load in (load_checkpoint, VerifiedRecurrentPPO.load):
             with pytest.raises(UntrustedCheckpointError, match=f"entry '{entry}', which a saved model never holds"):

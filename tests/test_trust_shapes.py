@@ -152,7 +152,12 @@ def test_an_optimizer_state_must_fit_the_optimizer_built(saved, tmp_path):  # no
         for values in state["state"].values():
             values["exp_avg"] = values["exp_avg"].flatten()[:1].expand(values["exp_avg"].shape)
 
+    def sparse(state):  # torch does not check a sparse tensor's indices: Adam's add_ wrote past its memory
+        index = th.tensor([[0], [10**11]])
+        state["param_groups"][0]["eps"] = th.sparse_coo_tensor(index, th.ones(1), (1, 10**12), is_coalesced=True)
+
     for change, expected in (
+        (sparse, "holds a torch.sparse_coo tensor"),
         (fused, "holds the optimizer's fused=True"),
         (small, "holds an optimizer state 'exp_avg' of shape \\(1,\\)"),
         (broadcast, "holds an optimizer state 'exp_avg' of shape .* and strides \\(0"),
@@ -227,3 +232,14 @@ def test_pythons_random_state_is_checked(saved, tmp_path):  # noqa: F811
     planted = with_training_state(saved, tmp_path / "python.zip", change)
     with pytest.raises(CheckpointError, match="gauss_next that is not a number"):
         load_checkpoint(planted)
+
+
+def test_a_reference_with_a_sparse_tensor_is_refused(saved, tmp_path):  # noqa: F811
+    with zipfile.ZipFile(saved) as archive:
+        policy = th.load(io.BytesIO(archive.read("policy.pth")), weights_only=True)
+    name = next(iter(policy))
+    index = th.full((policy[name].dim(), 1), 10**9)  # far outside the tensor
+    policy[name] = th.sparse_coo_tensor(index, th.ones(1), tuple(policy[name].shape), check_invariants=False)
+    planted = replace_entries(saved, tmp_path / "sparse.zip", {"policy.pth": _torch_file(policy)})
+    with pytest.raises(ValueError, match="reference: .* holds a torch.sparse_coo tensor in its policy"):
+        small_recurrent(ref_kl_coef=0.1, reference=planted)

@@ -7,7 +7,8 @@ path (``policy.__class__...`` reaches torch's classes for the whole process). An
 is loaded as it is, and torch's fused kernels write as many elements as a parameter has into its
 state's tensors, whatever their size. So, for a file not trusted:
 
-- an entry's name is a dotted path of public attribute names;
+- an entry's name is a dotted path of public attribute names, and its tensors are plain dense
+  ones within their storage (not sparse, quantized, nested or meta: torch trusts their indices);
 - ``pytorch_variables.pth`` names only the tensors the algorithm saves there (SAC's
   ``log_ent_coef``...), and holds tensors;
 - after loading, each optimizer keeps the implementation flags it was built with (``fused``,
@@ -28,7 +29,7 @@ from stable_baselines3.common.save_util import recursive_getattr
 
 from verl_sb3.bounded_unpickler import objects_in
 from verl_sb3.safe_unpickle import RestrictedUnpickler
-from verl_sb3.verification.state import ModelState, optimizer_state_fault, rollback_attribute_names
+from verl_sb3.verification.state import ModelState, irregular_tensor, optimizer_state_fault, rollback_attribute_names
 
 __all__ = ["check_model_states", "check_optimizer_states", "check_torch_entries", "tensor_variables"]
 
@@ -60,8 +61,12 @@ def check_torch_entries(archive: zipfile.ZipFile, cls: type[BaseAlgorithm], name
     for entry in archive.namelist():
         if not entry.endswith(".pth"):
             continue
+        content = th.load(io.BytesIO(archive.read(entry)), weights_only=True)
+        irregular = irregular_tensor(content)
+        if irregular:
+            raise _refusal(error, name, entry, f"holds {irregular}")
         if entry in _VARIABLE_ENTRIES:
-            variables = th.load(io.BytesIO(archive.read(entry)), weights_only=True)
+            variables = content
             allowed = tensor_variables(cls)
             if not isinstance(variables, dict):
                 raise _refusal(error, name, entry, f"holds a {type(variables).__name__} (a dict of tensors expected)")

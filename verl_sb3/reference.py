@@ -25,6 +25,7 @@ from verl_sb3.buffers import SampleIndices, indexed_twin
 from verl_sb3.kl_control import KL_ESTIMATORS, AdaptiveKLController, FixedKLController, exact_kl, kl_estimate
 from verl_sb3.ppo_update import PPOUpdateMixin
 from verl_sb3.rollout import RolloutBatch, distribution_validation, policy_kind
+from verl_sb3.verification.state import irregular_tensor
 
 REF_KL_MODES = ("reward", "loss")
 DEFAULT_REF_KL_HORIZON = 10_000
@@ -234,6 +235,9 @@ def _reference_state_dict(reference: Reference, device: th.device) -> dict[str, 
             raise ValueError(f"reference: cannot load a saved model from {os.fspath(reference)!r}: {error}") from None
         if not params or "policy" not in params:
             raise ValueError(f"reference: {os.fspath(reference)!r} holds no policy parameters")
+        irregular = irregular_tensor(params["policy"])
+        if irregular:  # torch does not check a sparse tensor's indices when it is copied
+            raise ValueError(f"reference: {os.fspath(reference)!r} holds {irregular} in its policy")
         return params["policy"]
     raise ValueError(
         f"reference: expected None, a saved model's path, a policy or a model, got {type(reference).__name__}"

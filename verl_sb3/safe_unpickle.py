@@ -242,9 +242,12 @@ def generator(bit_generator: Any = None, *_: Any) -> np.random.Generator:
 def tensor_storage(data: bytes) -> Any:
     """torch's ``_load_from_bytes``, which pickled tensors call, with ``weights_only``."""
     try:
-        return th.load(io.BytesIO(_buffer(data)), weights_only=True)
+        storage = th.load(io.BytesIO(_buffer(data)), weights_only=True)
     except pickle.UnpicklingError:
         raise _refuse("a tensor file holding other objects than tensors") from None
+    if not isinstance(storage, (th.UntypedStorage, th.TypedStorage)):  # what pickling a tensor writes
+        raise _refuse(f"a tensor storage that is a {type(storage).__name__}")
+    return storage
 
 
 def rebuild_tensor(storage: Any, offset: Any, size: Any, stride: Any, requires_grad: Any = False, hooks: Any = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import importlib
+import inspect
 import io
 import json
 import os
@@ -54,13 +55,22 @@ ALGORITHM_PACKAGES = ("verl_sb3", "stable_baselines3", "sb3_contrib")
 
 def never_saved(cls: type[BaseAlgorithm]) -> frozenset[str]:
     """The attributes ``cls`` leaves out of its saves (SB3's ``_excluded_save_params``, ``env``
-    among them): SB3's loader would set them on the model, or use them, from a file that has them."""
+    among them) and its methods: SB3's loader would set them on the model (an entry ``predict``
+    would replace the method), or use them, from a file that has them."""
     bare = object.__new__(cls)  # the lists are constants: no state is read
     try:
         names = cls._excluded_save_params(bare)
     except Exception:  # a subclass's that reads its state
         names = BaseAlgorithm._excluded_save_params(bare)
-    return frozenset(names)
+    methods = {name for name in dir(cls) if _is_method(inspect.getattr_static(cls, name, None))}
+    return frozenset(names) | frozenset(methods)
+
+
+def _is_method(attribute: Any) -> bool:
+    """Whether a class attribute is one an instance's ``__dict__`` entry would hide (not a property)."""
+    if inspect.isdatadescriptor(attribute):  # a property: it wins over the instance's entry
+        return False
+    return isinstance(attribute, (classmethod, staticmethod)) or callable(attribute)
 
 
 def safe_custom_objects(

@@ -15,6 +15,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from verl_sb3.bounded_unpickler import objects_in
 from verl_sb3.verification.checks import count_non_finite, non_finite_parameter_names
 
 
@@ -46,10 +47,31 @@ IMPLEMENTATION_FLAGS = ("fused", "foreach", "capturable", "differentiable")
 _SCALAR_STATES = frozenset({"step", "mu_product"})  # the others have their parameter's shape
 
 
+def irregular_tensor(value: Any) -> str | None:
+    """What is wrong with the first tensor in ``value`` (nested dicts, lists, tuples) that is not
+    a plain dense tensor within its storage (sparse, quantized, nested, meta: torch's kernels
+    trust their indices and sizes); None when every tensor is plain."""
+    for obj in objects_in(value, lambda _: False):
+        if not isinstance(obj, th.Tensor):
+            continue
+        if obj.layout != th.strided or obj.is_quantized or obj.is_nested or obj.is_meta:
+            return (
+                f"a {obj.layout} tensor{' (quantized)' if obj.is_quantized else ''}{' (meta)' if obj.is_meta else ''}"
+            )
+        if obj.numel():
+            extent = obj.storage_offset() + sum((n - 1) * s for n, s in zip(obj.shape, obj.stride())) + 1
+            if extent * obj.element_size() > obj.untyped_storage().nbytes():
+                return f"a tensor of shape {tuple(obj.shape)} reaching past its storage"
+    return None
+
+
 def optimizer_state_fault(optimizer: th.optim.Optimizer, state: Any) -> str | None:
     """What makes ``state`` (an optimizer state dict) unfit for ``optimizer``: other groups or
     implementation flags than it was built with, or state tensors that are not dense, contiguous
     tensors of their parameters' shapes (scalars for ``step``); None when it fits."""
+    irregular = irregular_tensor(state)
+    if irregular:
+        return f"{irregular} in an optimizer state"
     groups, tensors = (state.get("param_groups"), state.get("state")) if isinstance(state, dict) else (None, None)
     if not (isinstance(groups, list) and isinstance(tensors, dict)):
         return "an optimizer state that is not a state dict"
@@ -74,6 +96,9 @@ def optimizer_state_fault(optimizer: th.optim.Optimizer, state: Any) -> str | No
 
 
 def _policy_state_fault(current: dict[str, th.Tensor], saved: Any) -> str | None:
+    irregular = irregular_tensor(saved)
+    if irregular:
+        return f"{irregular} in a policy state"
     if not isinstance(saved, dict) or set(saved) != set(current):
         names = sorted(map(str, saved)) if isinstance(saved, dict) else type(saved).__name__
         return f"a policy state of other entries than the policy's ({names})"
