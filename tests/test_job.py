@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -132,6 +133,35 @@ def test_a_used_folder_is_refused_and_overwrite_clears_what_the_old_run_left(uni
     train(config(folder, total_timesteps=960), overwrite=True)
     assert not stale.exists() and mine.read_text() == "mine"
     assert len(rows(folder)) == 960 // 160
+
+
+def test_a_job_never_writes_through_a_symbolic_link(uninterrupted, tmp_path, capsys):
+    victim = tmp_path / "home" / ".bashrc"  # a file outside the job's folder
+    victim.parent.mkdir()
+    victim.write_text("mine")
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted, run)  # a run to resume, its updates.csv swapped for a link
+    (run / "updates.csv").unlink()
+    (run / "updates.csv").symlink_to(victim)
+    assert main(["train", "--resume", str(run)]) == 2
+    assert "holds symbolic links a job would write through" in capsys.readouterr().err
+    planted = tmp_path / "planted"
+    planted.mkdir()
+    (planted / "updates.csv").symlink_to(victim)  # a dangling link would be written through too
+    assert main(["train", "--output-dir", str(planted), "--total-timesteps", "160", "--n-envs", "8"]) == 2
+    assert "holds symbolic links a job would write through" in capsys.readouterr().err
+    (planted / "updates.csv").unlink()
+    (planted / "logs").mkdir()
+    (planted / "logs" / "progress.csv").symlink_to(victim)
+    with pytest.raises(JobError, match="progress.csv"), owned_folder(planted, overwrite=True):
+        pass
+    assert victim.read_text() == "mine"
+    (planted / "logs" / "progress.csv").unlink()
+    (planted / "logs").rmdir()
+    (planted / "updates.csv").symlink_to(victim)
+    with owned_folder(planted, overwrite=True):  # --overwrite removes the link itself, as a run's output
+        assert not (planted / "updates.csv").is_symlink()
+    assert victim.read_text() == "mine"
 
 
 def test_a_second_job_into_a_folder_in_use_is_refused(tmp_path, capsys):

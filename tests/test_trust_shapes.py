@@ -243,3 +243,11 @@ def test_a_reference_with_a_sparse_tensor_is_refused(saved, tmp_path):  # noqa: 
     planted = replace_entries(saved, tmp_path / "sparse.zip", {"policy.pth": _torch_file(policy)})
     with pytest.raises(ValueError, match="reference: .* holds a torch.sparse_coo tensor in its policy"):
         small_recurrent(ref_kl_coef=0.1, reference=planted)
+
+
+def test_a_verification_report_counts_from_zero_up(tmp_path):
+    model = small_recurrent()
+    model.learn(12)
+    model.verification_report.n_verified = -5  # the job's recorder would then write no more rows
+    with pytest.raises(UntrustedCheckpointError, match="a verification report with counters"):
+        load_checkpoint(save_checkpoint(model, tmp_path / "report.zip"))

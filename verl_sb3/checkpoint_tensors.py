@@ -29,6 +29,7 @@ from stable_baselines3.common.save_util import recursive_getattr
 
 from verl_sb3.bounded_unpickler import objects_in
 from verl_sb3.safe_unpickle import RestrictedUnpickler
+from verl_sb3.verification.report import VerificationReport
 from verl_sb3.verification.state import ModelState, irregular_tensor, optimizer_state_fault, rollback_attribute_names
 
 __all__ = ["check_model_states", "check_optimizer_states", "check_torch_entries", "tensor_variables"]
@@ -95,9 +96,14 @@ def check_optimizer_states(model: BaseAlgorithm, archive: zipfile.ZipFile, name:
 
 def check_model_states(model: BaseAlgorithm, name: str, error: type[Exception]) -> None:
     """Refuse a loaded model holding a saved :class:`~verl_sb3.verification.state.ModelState`
-    (a pending judgement's state before the update) that would not fit it when restored."""
+    (a pending judgement's state before the update) that would not fit it when restored, or a
+    verification report whose counters are not counts."""
     buildable = RestrictedUnpickler.buildable()
     for obj in objects_in(vars(model), lambda candidate: type(candidate) in buildable):
+        if isinstance(obj, VerificationReport):
+            counters = {k: v for k, v in vars(obj).items() if k.startswith("n_")}
+            if not isinstance(obj.log, list) or not all(type(v) is int and v >= 0 for v in counters.values()):
+                raise _refusal(error, name, "data", f"holds a verification report with counters {counters}")
         if isinstance(obj, ModelState):
             unknown = sorted(map(str, set(obj.attributes) - set(rollback_attribute_names(type(model)))))
             fault = f"attributes {unknown} that {type(model).__name__} does not roll back" if unknown else None

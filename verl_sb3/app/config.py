@@ -46,7 +46,7 @@ DEFAULT_ENV_ID = "TextGen-v0"
 #: The settings that differ from the default run's when training on a registered task (a task's
 #: reward is its score: no entropy target, no TextGen-v0 repeat or reuse checks; short answers).
 TASK_DEFAULTS: dict[str, Any] = {
-    "total_timesteps": 200_000,
+    "total_timesteps": 300_000,
     "n_envs": 64,
     "n_steps": 16,
     "batch_size": 256,

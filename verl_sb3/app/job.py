@@ -49,6 +49,7 @@ def owned_folder(folder: str | Path, overwrite: bool = False, resume: bool = Fal
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    _refuse_links(folder, removable=overwrite and not resume)
     with open(folder / LOCK_NAME, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -57,7 +58,7 @@ def owned_folder(folder: str | Path, overwrite: bool = False, resume: bool = Fal
                 f"output_dir {str(folder)!r}: in use by another training job (it holds {LOCK_NAME})"
             ) from None
         try:
-            used = [name for name in OUTPUTS if (folder / name).exists()]
+            used = [name for name in OUTPUTS if (folder / name).exists() or (folder / name).is_symlink()]
             if resume and not used:
                 raise JobError(f"--resume {str(folder)!r}: holds no run to resume")
             if used and not resume:
@@ -71,6 +72,24 @@ def owned_folder(folder: str | Path, overwrite: bool = False, resume: bool = Fal
             yield folder
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def _refuse_links(folder: Path, removable: bool) -> None:
+    """Refuse symbolic links among the job's outputs (the job would write through them, outside
+    its folder: into ``~/.bashrc`` for a planted ``updates.csv``); ``--overwrite`` removes the
+    top-level ones as any other output (the link, not its target)."""
+    links = [folder / LOCK_NAME] if (folder / LOCK_NAME).is_symlink() else []
+    for name in OUTPUTS:
+        path = folder / name
+        if path.is_symlink():
+            links += [] if removable else [path]
+        elif path.is_dir():
+            links += [inner for inner in path.rglob("*") if inner.is_symlink()]
+    if links:
+        raise JobError(
+            f"output_dir {str(folder)!r}: holds symbolic links a job would write through "
+            f"({', '.join(map(str, links))}); remove them (the job writes only into its own folder)"
+        )
 
 
 def _remove(path: Path) -> None:
