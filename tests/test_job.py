@@ -144,23 +144,22 @@ def test_a_job_never_writes_through_a_symbolic_link(uninterrupted, tmp_path, cap
     (run / "updates.csv").unlink()
     (run / "updates.csv").symlink_to(victim)
     assert main(["train", "--resume", str(run)]) == 2
-    assert "holds symbolic links a job would write through" in capsys.readouterr().err
+    assert "holds links or special files a job would write through" in capsys.readouterr().err
     planted = tmp_path / "planted"
     planted.mkdir()
     (planted / "updates.csv").symlink_to(victim)  # a dangling link would be written through too
     assert main(["train", "--output-dir", str(planted), "--total-timesteps", "160", "--n-envs", "8"]) == 2
-    assert "holds symbolic links a job would write through" in capsys.readouterr().err
+    assert "holds links or special files a job would write through" in capsys.readouterr().err
     (planted / "updates.csv").unlink()
     (planted / "logs").mkdir()
     (planted / "logs" / "progress.csv").symlink_to(victim)
-    with pytest.raises(JobError, match="progress.csv"), owned_folder(planted, overwrite=True):
+    os.link(victim, planted / "evaluation.md")  # a hard link (as an archive can hold), and a FIFO
+    os.mkfifo(planted / "evaluations.json")
+    refused = pytest.raises(JobError, match="progress.csv.*evaluation.md|evaluation.md.*progress.csv")
+    with refused, owned_folder(planted, resume=True):
         pass
-    assert victim.read_text() == "mine"
-    (planted / "logs" / "progress.csv").unlink()
-    (planted / "logs").rmdir()
-    (planted / "updates.csv").symlink_to(victim)
-    with owned_folder(planted, overwrite=True):  # --overwrite removes the link itself, as a run's output
-        assert not (planted / "updates.csv").is_symlink()
+    with owned_folder(planted, overwrite=True):  # --overwrite removes the entries, not what they point to
+        assert not any(planted.glob("*.json")) and not (planted / "evaluation.md").exists()
     assert victim.read_text() == "mine"
 
 

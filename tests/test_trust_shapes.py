@@ -251,3 +251,20 @@ def test_a_verification_report_counts_from_zero_up(tmp_path):
     model.verification_report.n_verified = -5  # the job's recorder would then write no more rows
     with pytest.raises(UntrustedCheckpointError, match="a verification report with counters"):
         load_checkpoint(save_checkpoint(model, tmp_path / "report.zip"))
+
+
+@pytest.mark.parametrize(
+    "attribute, value, expected",
+    [
+        ("kl_ctrl.value", -50.0, "a reference-KL controller"),
+        ("kl_ctrl.value", float("inf"), "a reference-KL controller"),
+        ("ref_kl_mode", "bogus", "a reference-KL mode 'bogus'"),
+    ],
+)
+def test_reference_kl_settings_are_checked(tmp_path, attribute, value, expected):
+    model = small_recurrent(ref_kl_coef=0.1)
+    model.learn(12)
+    owner, _, name = attribute.rpartition(".")
+    setattr(model.kl_ctrl if owner else model, name, value)  # -50: the penalty would be a bonus
+    with pytest.raises(UntrustedCheckpointError, match=expected):
+        load_checkpoint(save_checkpoint(model, tmp_path / "kl.zip"))

@@ -20,6 +20,7 @@ state's tensors, whatever their size. So, for a file not trusted:
 from __future__ import annotations
 
 import io
+import math
 import re
 import zipfile
 
@@ -28,6 +29,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.save_util import recursive_getattr
 
 from verl_sb3.bounded_unpickler import objects_in
+from verl_sb3.kl_control import KL_ESTIMATORS, AdaptiveKLController, FixedKLController
 from verl_sb3.safe_unpickle import RestrictedUnpickler
 from verl_sb3.verification.report import VerificationReport
 from verl_sb3.verification.state import ModelState, irregular_tensor, optimizer_state_fault, rollback_attribute_names
@@ -98,6 +100,9 @@ def check_model_states(model: BaseAlgorithm, name: str, error: type[Exception]) 
     """Refuse a loaded model holding a saved :class:`~verl_sb3.verification.state.ModelState`
     (a pending judgement's state before the update) that would not fit it when restored, or a
     verification report whose counters are not counts."""
+    fault = _reference_kl_fault(model)
+    if fault:
+        raise _refusal(error, name, "data", f"holds {fault}")
     buildable = RestrictedUnpickler.buildable()
     for obj in objects_in(vars(model), lambda candidate: type(candidate) in buildable):
         if isinstance(obj, VerificationReport):
@@ -110,3 +115,26 @@ def check_model_states(model: BaseAlgorithm, name: str, error: type[Exception]) 
             fault = fault or obj.fault(model)
             if fault:
                 raise _refusal(error, name, "data", f"holds a model state to restore with {fault}")
+
+
+def _reference_kl_fault(model: BaseAlgorithm) -> str | None:
+    """What is wrong with the reference-KL settings a file gave the model (a negative, infinite
+    or array coefficient turns the penalty into a bonus or NaN, an unknown mode skips it)."""
+    from verl_sb3.reference import REF_KL_MODES  # the reference module imports the algorithms
+
+    mode, estimator = getattr(model, "ref_kl_mode", "reward"), getattr(model, "ref_kl_estimator", "k1")
+    if mode not in REF_KL_MODES or estimator not in KL_ESTIMATORS:
+        return f"a reference-KL mode {mode!r} and estimator {estimator!r}"
+    controller = getattr(model, "kl_ctrl", None)
+    if controller is None:
+        return None
+    if type(controller) not in (FixedKLController, AdaptiveKLController):
+        return f"a reference-KL controller of type {type(controller).__name__}"
+    numbers = [controller.value] + ([controller.target] if isinstance(controller, AdaptiveKLController) else [])
+    if not all(type(x) is float and math.isfinite(x) and x >= 0 for x in numbers):
+        return f"a reference-KL controller {controller!r}"
+    if isinstance(controller, AdaptiveKLController) and not (
+        controller.target > 0 and type(controller.horizon) is int and controller.horizon >= 1
+    ):
+        return f"a reference-KL controller {controller!r}"
+    return None

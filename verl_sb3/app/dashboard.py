@@ -11,6 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from verl_sb3.app.files import replace_with
+
 
 def moving_average(values: Sequence[float], window: int) -> np.ndarray:
     """Trailing mean over ``window`` values (shorter at the start)."""
@@ -60,7 +62,7 @@ def plot_dashboard(
     _plot_distribution(ax_rate.inset_axes([0.07, 0.3, 0.4, 0.45]), returns, optimum)  # the rate's panel is mostly empty
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    replace_with(path, lambda temporary: fig.savefig(temporary, dpi=100))
     plt.close(fig)
     return path
 

@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import re
 import shutil
+import stat
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,7 +50,7 @@ def owned_folder(folder: str | Path, overwrite: bool = False, resume: bool = Fal
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    _refuse_links(folder, removable=overwrite and not resume)
+    _refuse_foreign_files(folder, removable=overwrite and not resume)
     with open(folder / LOCK_NAME, "a") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -74,22 +75,33 @@ def owned_folder(folder: str | Path, overwrite: bool = False, resume: bool = Fal
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def _refuse_links(folder: Path, removable: bool) -> None:
-    """Refuse symbolic links among the job's outputs (the job would write through them, outside
-    its folder: into ``~/.bashrc`` for a planted ``updates.csv``); ``--overwrite`` removes the
-    top-level ones as any other output (the link, not its target)."""
-    links = [folder / LOCK_NAME] if (folder / LOCK_NAME).is_symlink() else []
-    for name in OUTPUTS:
+def _refuse_foreign_files(folder: Path, removable: bool) -> None:
+    """Refuse outputs that are not the job's own files: symbolic links, hard links, FIFOs and the
+    like (the job would write through them, outside its folder: into ``~/.bashrc`` for a planted
+    ``updates.csv``, or block on a FIFO). ``--overwrite`` removes such entries as any other output
+    (the entry, not what it points to)."""
+    found = [folder / LOCK_NAME] if _foreign(folder / LOCK_NAME) else []
+    for name in () if removable else OUTPUTS:
         path = folder / name
-        if path.is_symlink():
-            links += [] if removable else [path]
-        elif path.is_dir():
-            links += [inner for inner in path.rglob("*") if inner.is_symlink()]
-    if links:
+        found += [path] if _foreign(path) else []
+        if path.is_dir() and not path.is_symlink():
+            found += [inner for inner in path.rglob("*") if _foreign(inner)]
+    if found:
         raise JobError(
-            f"output_dir {str(folder)!r}: holds symbolic links a job would write through "
-            f"({', '.join(map(str, links))}); remove them (the job writes only into its own folder)"
+            f"output_dir {str(folder)!r}: holds links or special files a job would write through "
+            f"({', '.join(map(str, found))}); remove them (the job writes only into its own folder)"
         )
+
+
+def _foreign(path: Path) -> bool:
+    """Whether ``path`` is a symbolic link, a special file or a file with other hard links."""
+    try:
+        status = path.lstat()
+    except FileNotFoundError:
+        return False
+    if stat.S_ISDIR(status.st_mode):
+        return False
+    return not stat.S_ISREG(status.st_mode) or status.st_nlink > 1
 
 
 def _remove(path: Path) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 from stable_baselines3.common.callbacks import BaseCallback
 
 from verl_sb3.app.config import TrainConfig
+from verl_sb3.app.files import open_fresh
 from verl_sb3.app.job import JOB_STATE_ENTRY
 from verl_sb3.app.suites import suite_for
 from verl_sb3.checkpoints import save_checkpoint
@@ -117,7 +118,7 @@ class TrainingRecorder(BaseCallback):
 
     # ------------------------------------------------------------------ SB3's callback hooks
     def _on_training_start(self) -> None:
-        self._csv_file = open(self.output / "updates.csv", "w", newline="")  # noqa: SIM115 - open for the whole run
+        self._csv_file = open_fresh(self.output / "updates.csv", newline="")  # open for the whole run
         self._csv = csv.DictWriter(self._csv_file, fieldnames=self.COLUMNS)
         self._csv.writeheader()
         self._csv.writerows(self.updates)  # a resumed job's rows so far

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from verl_sb3.app.files import replace_text
+
 
 @dataclass(frozen=True)
 class Target:
@@ -111,8 +113,10 @@ def save_evaluation(folder: str | Path, figures: dict[str, float], rows: list[di
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     markdown, data = folder / "evaluation.md", folder / "evaluation.json"
-    markdown.write_text(markdown_table(rows, figures) + "\n")
-    data.write_text(
-        json.dumps({"figures": figures, "targets": rows, "all_passed": all(r["passed"] for r in rows)}, indent=2) + "\n"
+    replace_text(markdown, markdown_table(rows, figures) + "\n")
+    replace_text(
+        data,
+        json.dumps({"figures": figures, "targets": rows, "all_passed": all(r["passed"] for r in rows)}, indent=2)
+        + "\n",
     )
     return markdown, data

@@ -28,6 +28,7 @@ from stable_baselines3.common.logger import configure
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from verl_sb3.app.config import TrainConfig
 from verl_sb3.app.dashboard import plot_dashboard
+from verl_sb3.app.files import replace_text
 from verl_sb3.app.job import JOB_STATE_ENTRY, JobError, newest_checkpoint, owned_folder
 from verl_sb3.app.recorder import TrainingRecorder
 from verl_sb3.app.suites import suite_for
@@ -82,7 +83,7 @@ def train(config: TrainConfig, overwrite: bool = False, callbacks: Sequence[Base
     :param callbacks: SB3 callbacks to run besides the job's own.
     """
     with owned_folder(config.output_dir, overwrite=overwrite) as output:
-        (output / "config.yaml").write_text(yaml.safe_dump(config.as_dict(), sort_keys=False))
+        replace_text(output / "config.yaml", yaml.safe_dump(config.as_dict(), sort_keys=False))
         th.set_num_threads(config.threads)
         model = build_model(config)
         recorder = TrainingRecorder(config, output, _progress_lines(config))
@@ -168,7 +169,7 @@ def _run(
         kl_threshold=config.kl_threshold,
         random_repetition=RANDOM_POLICY_REPETITION if default_task else None,
     )
-    (output / "evaluations.json").write_text(json.dumps(recorder.evaluations, indent=2))
+    replace_text(output / "evaluations.json", json.dumps(recorder.evaluations, indent=2))
     return {"figures": figures, "rows": rows, "table": markdown_table(rows), "model": model, "recorder": recorder}
 
 
