@@ -14,7 +14,9 @@ state's tensors, whatever their size. So, for a file not trusted:
 - after loading, each optimizer keeps the implementation flags it was built with (``fused``,
   ``foreach``, ``capturable``, ``differentiable``) and its state tensors are dense, contiguous
   tensors of their parameters' shapes; so are those of a saved model state a pending judgement
-  would restore, whose other attributes are only those the model rolls back.
+  would restore, whose other attributes are only those the model rolls back;
+- the records the model goes on from are sane: the verification report's counters are counts,
+  the reference-KL controller's coefficient is finite and >= 0, its mode and estimator known.
 """
 
 from __future__ import annotations
@@ -98,8 +100,8 @@ def check_optimizer_states(model: BaseAlgorithm, archive: zipfile.ZipFile, name:
 
 def check_model_states(model: BaseAlgorithm, name: str, error: type[Exception]) -> None:
     """Refuse a loaded model holding a saved :class:`~verl_sb3.verification.state.ModelState`
-    (a pending judgement's state before the update) that would not fit it when restored, or a
-    verification report whose counters are not counts."""
+    (a pending judgement's state before the update) that would not fit it when restored, a
+    verification report whose counters are not counts, or reference-KL settings out of range."""
     fault = _reference_kl_fault(model)
     if fault:
         raise _refusal(error, name, "data", f"holds {fault}")
