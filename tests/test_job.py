@@ -163,6 +163,58 @@ def test_a_job_never_writes_through_a_symbolic_link(uninterrupted, tmp_path, cap
     assert victim.read_text() == "mine"
 
 
+def test_outputs_are_replaced_not_written_through(tmp_path):
+    from verl_sb3.app.files import replace_text
+
+    victim = tmp_path / "victim"
+    victim.write_text("mine")
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / "evaluation.md").symlink_to(victim)
+    for pid in (os.getpid(), 1):  # temporary names are random, not .NAME.<pid>.tmp
+        (folder / f".evaluation.md.{pid}.tmp.md").symlink_to(victim)
+    replace_text(folder / "evaluation.md", "table")
+    assert (folder / "evaluation.md").read_text() == "table" and not (folder / "evaluation.md").is_symlink()
+    assert victim.read_text() == "mine"
+    link = tmp_path / "link"
+    link.symlink_to(folder)  # a folder that is a link: --overwrite would clear what it points to
+    with pytest.raises(JobError, match="is a symbolic link"), owned_folder(link, overwrite=True):
+        pass
+    (folder / "evaluation.md").unlink()
+    (folder / "evaluation.md").mkdir()  # a folder where a file goes
+    with pytest.raises(JobError, match="evaluation.md"), owned_folder(folder, resume=True):
+        pass
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root lists any folder")
+def test_a_folder_the_job_cannot_look_into_is_refused(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "logs").mkdir(parents=True)
+    (folder / "logs" / "progress.csv").symlink_to(tmp_path / "elsewhere")
+    (folder / "logs").chmod(0o333)
+    try:
+        with pytest.raises(JobError, match="cannot look into"), owned_folder(folder, resume=True):
+            pass
+    finally:
+        (folder / "logs").chmod(0o755)
+
+
+def test_a_folder_that_cannot_be_listed_is_refused_not_skipped(tmp_path, monkeypatch):
+    from verl_sb3.app import job
+
+    folder = tmp_path / "run"
+    (folder / "logs").mkdir(parents=True)
+
+    def unlistable(top, onerror=None, **kwargs):  # what os.walk does with a folder it cannot read
+        onerror(PermissionError(13, "Permission denied", str(top)))
+        return iter(())
+
+    monkeypatch.setattr(job.os, "walk", unlistable)
+    refused = pytest.raises(JobError, match="cannot look into .*logs.* \\(Permission denied\\)")
+    with refused, owned_folder(folder, resume=True):
+        pass
+
+
 def test_a_second_job_into_a_folder_in_use_is_refused(tmp_path, capsys):
     folder = tmp_path / "busy"
     with owned_folder(folder):  # another job holds it

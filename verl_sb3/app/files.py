@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
@@ -26,13 +27,14 @@ def replace_text(path: str | Path, text: str) -> Path:
 def replace_with(path: str | Path, write: Callable[[str], Any]) -> None:
     """``write(temporary_path)``, then rename the temporary file to ``path``; nothing is left behind on failure."""
     path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{path.suffix}")
+    os.close(descriptor)  # a new file of a random name, created here: nothing planted can be at it
     try:
-        write(str(temporary))
+        write(temporary)
         os.replace(temporary, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
-            temporary.unlink()
+            os.unlink(temporary)
 
 
 def open_fresh(path: str | Path, newline: str | None = None) -> IO[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import re
 import shutil
 import stat
@@ -31,6 +32,8 @@ OUTPUTS = (
     "logs",
     "model_checkpoints",
 )
+#: The outputs that are files (the others are folders).
+FILE_OUTPUTS = frozenset(name for name in OUTPUTS if "." in name)
 #: The zip entry of a periodic checkpoint that holds the job's own state (its recorder's).
 JOB_STATE_ENTRY = "verl_sb3_job.json"
 _PERIODIC = re.compile(r"^model_(\d+)_steps\.zip$")
@@ -49,6 +52,10 @@ def owned_folder(folder: str | Path, overwrite: bool = False, resume: bool = Fal
     :raises OSError: when the folder cannot be created or written (a file, read-only, full).
     """
     folder = Path(folder)
+    if folder.is_symlink():
+        raise JobError(
+            f"output_dir {str(folder)!r}: is a symbolic link (to {os.readlink(folder)!r}); give the folder itself"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     _refuse_foreign_files(folder, removable=overwrite and not resume)
     with open(folder / LOCK_NAME, "a") as lock:
@@ -83,14 +90,26 @@ def _refuse_foreign_files(folder: Path, removable: bool) -> None:
     found = [folder / LOCK_NAME] if _foreign(folder / LOCK_NAME) else []
     for name in () if removable else OUTPUTS:
         path = folder / name
-        found += [path] if _foreign(path) else []
-        if path.is_dir() and not path.is_symlink():
-            found += [inner for inner in path.rglob("*") if _foreign(inner)]
+        found += [path] if _foreign(path) or (name in FILE_OUTPUTS and path.is_dir()) else []
+        if name not in FILE_OUTPUTS and path.is_dir() and not path.is_symlink():
+            found += [inner for inner in _walk(path) if _foreign(inner)]
     if found:
         raise JobError(
             f"output_dir {str(folder)!r}: holds links or special files a job would write through "
             f"({', '.join(map(str, found))}); remove them (the job writes only into its own folder)"
         )
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every entry under ``folder``; a folder that cannot be listed is a JobError (not skipped)."""
+
+    def refuse(error: OSError) -> None:
+        raise JobError(
+            f"output_dir: cannot look into {error.filename!r} ({error.strerror}); a job checks what it writes"
+        )
+
+    for root, dirs, files in os.walk(folder, onerror=refuse):
+        yield from (Path(root, name) for name in dirs + files)
 
 
 def _foreign(path: Path) -> bool:

@@ -116,7 +116,7 @@ def resume(
         model = resume_checkpoint(checkpoint, build_env(config), exact=not config.task)
         recorder = TrainingRecorder.resumed(config, output, state, _progress_lines(config))
         progress = output / "logs" / "progress.csv"
-        if progress.is_file():  # SB3's CSV logger starts its file anew: keep the earlier one
+        if progress.is_file() and not progress.is_symlink():  # SB3's logger starts its file anew: keep the old one
             progress.replace(progress.with_name(f"progress_until_{model.num_timesteps}_steps.csv"))
         return _run(config, model, recorder, output, resumed=True, callbacks=callbacks)
 
