@@ -118,33 +118,18 @@ def bench_env(args: argparse.Namespace, vocab_size: int, max_length: int) -> dic
 
 
 def build_training(run: str, args: argparse.Namespace, vocab_size: int, max_length: int):
-    from textenv_gym.sb3_vec_env import make_textgen_vec_env
     from verl_sb3 import VerifiedPPO
     from verl_sb3.app.config import TrainConfig
-    from verl_sb3.app.training import build_model
+    from verl_sb3.app.training import build_env, build_model
 
     config = TrainConfig(vocab_size=vocab_size, max_length=max_length, n_envs=args.train_envs, progress_bar=False)
     if run == "lstm":
         return build_model(config)
     from verl_sb3.policies import SLMTransformerPolicy
 
-    env = make_textgen_vec_env(config.n_envs, seed=config.seed, **config.textgen.as_kwargs())
-    return VerifiedPPO(
-        SLMTransformerPolicy,
-        env,
-        learning_rate=config.learning_rate_schedule(),
-        n_steps=config.n_steps,
-        batch_size=config.batch_size,
-        n_epochs=config.n_epochs,
-        gamma=config.gamma,
-        gae_lambda=config.gae_lambda,
-        clip_range=config.clip_range,
-        ent_coef=config.ent_coef,
-        vf_coef=config.vf_coef,
-        max_grad_norm=config.max_grad_norm,
-        seed=config.seed,
-        **config.verification_kwargs(),
-    )
+    # the default training's settings; the LSTM's policy_kwargs do not apply to the transformer
+    kwargs = {**config.ppo_kwargs(), "policy_kwargs": None}
+    return VerifiedPPO(SLMTransformerPolicy, build_env(config), **kwargs, **config.verification_kwargs())
 
 
 def bench_training(run: str, args: argparse.Namespace, vocab_size: int, max_length: int) -> dict[str, Any]:

@@ -36,19 +36,13 @@ def build(env_id: str, run: str, args: argparse.Namespace) -> Any:
     from sb3_contrib import RecurrentPPO
 
     from verl_sb3.app.config import TrainConfig
-    from verl_sb3.app.training import build_env, build_model
+    from verl_sb3.app.training import build_env, build_model, record_environment
     from verl_sb3.policies import SLMLstmPolicy
 
     config = TrainConfig.for_task(env_id, seed=args.seed, **({"n_envs": 16} if args.quick else {}))
     if run == "verified":
         return build_model(config)
-    model = RecurrentPPO(
-        SLMLstmPolicy,
-        build_env(config),
-        **config.ppo_kwargs(),
-    )
-    model.env_kwargs, model.env_id, model.task_kwargs = config.textgen.as_kwargs(), env_id, {}
-    return model
+    return record_environment(RecurrentPPO(SLMLstmPolicy, build_env(config), **config.ppo_kwargs()), config)
 
 
 def train_and_measure(env_id: str, run: str, args: argparse.Namespace) -> dict[str, Any]:

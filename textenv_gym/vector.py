@@ -155,15 +155,12 @@ class TextGenVectorEnv(VectorEnv):
         if not self._started:
             raise ValueError("step: call reset() before the first step")
         actions = validate_actions(actions, self.num_envs, self.config.vocab_size)
-        resetting = self._autoreset
-        rows = np.flatnonzero(~resetting)
+        resetting = np.flatnonzero(self._autoreset)
+        rows = np.flatnonzero(~self._autoreset)
         # all of the step or none (without an autoreset, append is atomic on its own)
-        guard = (
-            self.starter.transaction(self.np_random, np.flatnonzero(resetting)) if resetting.any() else nullcontext()
-        )
-        with guard:
-            if resetting.any():
-                self.starter.start(np.flatnonzero(resetting), self.np_random)
+        with self.starter.transaction(self.np_random, resetting) if len(resetting) else nullcontext():
+            if len(resetting):
+                self.starter.start(resetting, self.np_random)
             outcome = self.sequences.append(actions[rows], rows)
         reward = np.zeros(self.num_envs)
         terminated = np.zeros(self.num_envs, dtype=bool)
@@ -172,7 +169,7 @@ class TextGenVectorEnv(VectorEnv):
         self._autoreset = terminated.copy()
         truncated = np.zeros(self.num_envs, dtype=bool)
         info = step_info(outcome, rows, self.num_envs, self.sequences)
-        self._add_prompt_info(info, np.flatnonzero(resetting))
+        self._add_prompt_info(info, resetting)
         for position, details in outcome.score_details.items():
             if details:
                 info = self._add_info(info, {"score_details": details}, int(rows[position]))
@@ -183,7 +180,7 @@ class TextGenVectorEnv(VectorEnv):
         if not self.starter.draws:
             return
         for row in rows:
-            info.update(self._add_info(info, self.starter.info(int(row)), int(row)))
+            self._add_info(info, self.starter.info(int(row)), int(row))  # fills info in place
 
     def render(self) -> tuple[str, ...] | tuple[np.ndarray, ...] | None:
         """Each environment's text (``"ansi"``) or its frame (``"rgb_array"``), as ``SyncVectorEnv`` gives them."""

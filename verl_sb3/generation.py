@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +92,26 @@ class PolicyStepper:
         return distribution.distribution.logits
 
 
+def sampling_generator(seed: int | None) -> th.Generator:
+    """A CPU generator for sampling, seeded from ``seed``; None draws fresh OS entropy (an unseeded
+    call must not reseed torch's global generator)."""
+    generator = th.Generator(device="cpu")
+    generator.manual_seed(int(np.random.SeedSequence(None if seed is None else int(seed)).generate_state(1)[0]))
+    return generator
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: BaseAlgorithm) -> Iterator[None]:
+    """The policy in eval mode for the block (a loaded or just-trained policy is in training mode:
+    dropout), then back in the mode it was in."""
+    was_training = model.policy.training
+    model.policy.set_training_mode(False)
+    try:
+        yield
+    finally:
+        model.policy.set_training_mode(was_training)
+
+
 def sample_tokens(logits: th.Tensor, temperature: float, deterministic: bool, generator: th.Generator) -> th.Tensor:
     """One token per row of ``logits``: the most likely, or sampled at ``temperature``."""
     if deterministic:
@@ -130,22 +152,16 @@ def generate(
             f"length: expected an integer in [1, {room}] (max_length {config.max_length} minus the prompt's "
             f"{len(prompt_ids)} tokens), got {length!r}"
         )
-    generator = th.Generator(device="cpu")
-    # SeedSequence(None) draws fresh OS entropy: an unseeded call must not reseed torch's global generator.
-    generator.manual_seed(int(np.random.SeedSequence(None if seed is None else int(seed)).generate_state(1)[0]))
+    generator = sampling_generator(seed)
     stepper = PolicyStepper(model, num_sequences)
     returns = np.zeros(num_sequences)
     entropies = []
-    was_training = model.policy.training
-    model.policy.set_training_mode(False)  # a loaded or just-trained policy is in training mode (dropout)
-    try:
+    with evaluation_mode(model):
         for _ in range(length):
             logits = stepper.logits(sequences.tokens).cpu().double()
             entropies.append(th.distributions.Categorical(logits=logits).entropy().mean().item())
             actions = sample_tokens(logits, temperature, deterministic, generator)
             returns += sequences.append(actions.numpy().astype(np.int64)).reward
-    finally:
-        model.policy.set_training_mode(was_training)
     tokens = [row[:n].tolist() for row, n in zip(sequences.tokens, sequences.lengths)]
     generated = [row[len(prompt_ids) :] for row in tokens]
     texts = [config.tokenizer.decode(row) for row in generated]

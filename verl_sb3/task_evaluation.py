@@ -21,7 +21,14 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from textenv_gym.dynamics import SequenceBatch, TextGenConfig
 from textenv_gym.prompts import PromptRecord, PromptSource
 from verl_sb3._validation import require_int
-from verl_sb3.generation import PolicyStepper, check_generation_args, sample_tokens, textgen_config
+from verl_sb3.generation import (
+    PolicyStepper,
+    check_generation_args,
+    evaluation_mode,
+    sample_tokens,
+    sampling_generator,
+    textgen_config,
+)
 
 
 @dataclass
@@ -81,12 +88,9 @@ def sample_answers(
     sequences.reset()
     scores, done = np.zeros(rows), np.zeros(rows, dtype=bool)
     stepper = PolicyStepper(model, rows)
-    generator = th.Generator(device="cpu")
-    generator.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
+    generator = sampling_generator(seed)
     entropy_sum, entropy_count = 0.0, 0
-    was_training = model.policy.training
-    model.policy.set_training_mode(False)
-    try:
+    with evaluation_mode(model):
         while not done.all():
             logits = stepper.logits(sequences.tokens).cpu().double()
             active = np.flatnonzero(~done)
@@ -96,8 +100,6 @@ def sample_answers(
             outcome = sequences.append(actions[active], active)
             scores[active] = outcome.components["score"] if score else np.nan
             done[active] = outcome.terminated
-    finally:
-        model.policy.set_training_mode(was_training)
     answers = [sequences.answer_ids(row) for row in range(rows)]
     last = sequences.tokens[np.arange(rows), sequences.lengths - 1]
     ended = (sequences.lengths > sequences.prompt_lengths) & (last == config.eos_id)

@@ -70,6 +70,12 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
         verbose=config.verbose,
         **config.verification_kwargs(),
     )
+    return record_environment(model, config)
+
+
+def record_environment(model: Any, config: TrainConfig) -> Any:
+    """``model`` with the environment it trains on recorded (saved with it): ``env_kwargs`` (the
+    TextGen-v0 arguments generation and evaluation rebuild it from), ``env_id``, ``task_kwargs``."""
     model.env_kwargs = config.textgen.as_kwargs()
     model.env_id = config.env_id
     model.task_kwargs = dict(config.env_kwargs) if config.task else None
