@@ -129,6 +129,9 @@ def test_the_command_line_evaluates_and_samples_a_tasks_model(task_job):
     with contextlib.redirect_stdout(stdout):
         main(["evaluate", checkpoint])
     assert "| k | 8 |" in stdout.getvalue()  # a task's default: 8 answers per test prompt
+    with contextlib.redirect_stdout(io.StringIO()):  # nearly greedy: one answer per prompt, k times
+        main(["evaluate", checkpoint, "--temperature", "1e-4", "--output-dir", str(output / "cold")])
+    assert json.loads((output / "cold" / "evaluation.json").read_text())["figures"]["distinct_answers"] == 1 / 8
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         assert main(["generate", checkpoint, "--num-sequences", "3", "--seed", "0"]) == 0

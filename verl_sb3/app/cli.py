@@ -346,7 +346,7 @@ def _evaluate(args: argparse.Namespace) -> int:
     if suite is TASK_SUITE:
         if args.prompt is not None or args.prompt_ids is not None:
             raise ValueError("--prompt: a task's model is evaluated on its test split, whose prompts have answers")
-        figures = suite.evaluate(model, args.n_sequences or 8, args.seed)
+        figures = suite.evaluate(model, args.n_sequences or 8, args.seed, temperature=args.temperature)
     else:
         prompt = _prompt(args, textgen_config(model))
         figures = evaluate_model(

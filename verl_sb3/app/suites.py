@@ -16,23 +16,23 @@ from verl_sb3.app.targets import DEFAULT_RUN_TARGETS, TARGETS, TASK_TARGETS, Tar
 
 @dataclass(frozen=True)
 class EvaluationSuite:
-    evaluate: Callable[[Any, int, int], dict[str, float]]  # (model, samples, seed) -> figures
+    evaluate: Callable[..., dict[str, float]]  # (model, samples, seed, temperature=1.0) -> figures
     best: str  # the figure the best model maximises
     targets: tuple[Target, ...]
     progress: Callable[[dict[str, float]], str]
     logged: tuple[str, ...]  # the figures recorded in SB3's logger (eval/...)
 
 
-def _textgen(model: Any, samples: int, seed: int) -> dict[str, float]:
+def _textgen(model: Any, samples: int, seed: int, temperature: float = 1.0) -> dict[str, float]:
     from verl_sb3.evaluation import evaluate_model
 
-    return evaluate_model(model, n_sequences=samples, seed=seed)
+    return evaluate_model(model, n_sequences=samples, seed=seed, temperature=temperature)
 
 
-def _task(model: Any, samples: int, seed: int) -> dict[str, float]:
+def _task(model: Any, samples: int, seed: int, temperature: float = 1.0) -> dict[str, float]:
     from verl_sb3.task_evaluation import evaluate_task
 
-    figures = evaluate_task(model, k=samples, seed=seed)
+    figures = evaluate_task(model, k=samples, seed=seed, temperature=temperature)
     figures["pass@k"] = figures.pop(f"pass@{samples}")
     return figures
 
