@@ -25,7 +25,7 @@ Runs (``--runs``, any of a,b,b',c,d,e):
 ``--stress`` trains ``a`` and ``b`` (or ``--runs``) at ``--lr-factors`` (default 3 and 10) times the
 default learning rate instead (both ends of its linear decay).
 
-    python benchmarks/learning.py --jobs 2     # full: 1,200,000 steps per run, <= 300 s each, two at a time
+    python benchmarks/learning.py --jobs 2     # full: 150,000 steps per run (the default), <= 300 s each, two at a time
     python benchmarks/learning.py --stress     # learning rate x3 and x10, a against b
     python benchmarks/learning.py --quick      # smoke test (about a minute)
 
@@ -522,7 +522,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--steps",
         type=_positive_int,
         default=None,
-        help="environment steps per run (default: the default training's, 1,200,000)",
+        help="environment steps per run (default: the default training's, 150,000)",
     )
     parser.add_argument(
         "--max-seconds", type=_positive_float, default=None, help="wall-clock cap per run (default 300)"

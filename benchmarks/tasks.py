@@ -3,10 +3,13 @@
     python benchmarks/tasks.py                 # both tasks, verified and unverified (about 15 to 25 minutes)
     python benchmarks/tasks.py --quick         # smoke test: tiny runs (about a minute)
     python benchmarks/tasks.py --tasks TextGen-Reverse-v0 --runs verified
+    python benchmarks/tasks.py --runs verified grpo dr_grpo rloo reinforce_plus_plus   # the estimators
 
 Each run trains the training job's model for the task (``TrainConfig.for_task``: ``VerifiedRecurrentPPO``
 + ``SLMLstmPolicy`` with the task defaults; ``unverified``: sb3-contrib's ``RecurrentPPO`` with the same
-policy and settings, the baseline measured in the same run) for ``--timesteps`` steps or
+policy and settings, the baseline measured in the same run; ``grpo``, ``dr_grpo``, ``rloo``,
+``reinforce_plus_plus``: the verified model with that ``advantage_estimator``, the group ones on
+groups of ``--group-size`` environments answering the same prompts) for ``--timesteps`` steps or
 ``--seconds`` of training, whichever comes first, on the task's train split at its default
 difficulty. Every ``--eval-every`` steps it answers every prompt of the test split ``--k`` times
 (``verl_sb3.task_evaluation.evaluate_task``): pass@1 is the share of exact answers. Training time
@@ -29,6 +32,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = REPO_ROOT / "benchmarks" / "output"
 TASKS = ("TextGen-Reverse-v0", "TextGen-Arithmetic-v0")
 RUNS = ("verified", "unverified")
+ESTIMATOR_RUNS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus")
 LEVELS = (0.5, 0.9, 0.99)
 
 
@@ -39,8 +43,11 @@ def build(env_id: str, run: str, args: argparse.Namespace) -> Any:
     from verl_sb3.app.training import build_env, build_model, record_environment
     from verl_sb3.policies import SLMLstmPolicy
 
-    config = TrainConfig.for_task(env_id, seed=args.seed, **({"n_envs": 16} if args.quick else {}))
-    if run == "verified":
+    settings: dict[str, Any] = {"n_envs": 16} if args.quick else {}
+    if run in ESTIMATOR_RUNS:
+        settings.update(advantage_estimator=run, group_size=args.group_size if run != "reinforce_plus_plus" else 1)
+    config = TrainConfig.for_task(env_id, seed=args.seed, **settings)
+    if run == "verified" or run in ESTIMATOR_RUNS:
         return build_model(config)
     return record_environment(RecurrentPPO(SLMLstmPolicy, build_env(config), **config.ppo_kwargs()), config)
 
@@ -142,7 +149,8 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--runs", nargs="+", choices=RUNS, default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=RUNS + ESTIMATOR_RUNS, default=list(RUNS))
+    parser.add_argument("--group-size", type=int, default=8, help="environments per group (default 8)")
     parser.add_argument("--timesteps", type=int, default=400_000, help="steps per run at most (default 400,000)")
     parser.add_argument("--seconds", type=float, default=600.0, help="training seconds per run at most (default 600)")
     parser.add_argument("--eval-every", type=int, default=20_000, help="steps between evaluations (default 20,000)")

@@ -180,6 +180,15 @@ def run_error(argv, capsys) -> str:
         ),
         (["train", "--n-envs", "0", "--output-dir", "{out}"], "n_envs: expected an integer >= 1"),
         (["train", "--total-timesteps", "many"], "--total-timesteps"),
+        (["train", "--advantage-estimator", "ppo"], "--advantage-estimator: invalid choice"),
+        (
+            ["train", "--advantage-estimator", "grpo", "--group-size", "4", "--output-dir", "{out}"],
+            "critic_warmup: advantage_estimator 'grpo' trains no critic; set critic_warmup to 0",
+        ),
+        (
+            ["train", "--advantage-estimator", "grpo", "--critic-warmup", "0", "--output-dir", "{out}"],
+            "group_size: advantage_estimator 'grpo' compares the episodes of a group",
+        ),
         (["train", "--config", "{unknown_key}"], "unknown settings ['nope']"),
         (["train", "--config", "{bad_yaml}"], "not valid YAML"),
         (["train", "--config", "{missing}"], "no such file"),

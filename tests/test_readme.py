@@ -49,12 +49,13 @@ def test_every_readme_snippet_is_run_by_a_test():
         "TextGen-v0",
         "no_token_dominates",
         "load_checkpoint(",
-        "ref_kl_coef=",
+        "ref_kl_target=0.1",
         '"SLMTransformerPolicy"',
         "vocab_size=5000",
         "CriticWarmupCallback(5)",
         "max_reuse_rise=3.0",
         "EntropyDropJudge",
+        "advantage_estimator=",
     )
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
@@ -87,7 +88,7 @@ def test_readme_verification_evaluation_and_generation_snippets_run(tmp_path, mo
 
 def test_readme_reference_kl_snippet_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    model = run(block_with("ref_kl_coef="))["model"]
+    model = run(block_with("ref_kl_target=0.1"))["model"]
     assert model.ref_policy is not None and model.kl_ctrl.value != 0.05  # adapted
     assert "AdaptiveKLController" in capsys.readouterr().out
 
@@ -148,3 +149,11 @@ def test_readme_task_table_counts_the_prompts():
         for env_id in ("TextGen-Reverse-v0", "TextGen-Arithmetic-v0")
     ]
     assert row == f"| prompts (train / test) at the defaults | {counts[0]} | {counts[1]} |"
+
+
+def test_readme_group_algorithms_snippet_runs(capsys):
+    grpo = run(block_with("advantage_estimator="))["grpo"]
+    assert (grpo.advantage_estimator, grpo.loss_agg_mode, grpo.filter_groups) == ("grpo", "seq-mean-token-mean", True)
+    assert grpo.logger.name_to_value["train/ref_kl_loss"] >= 0 and grpo.verification_log
+    groups, passed = capsys.readouterr().out.split()
+    assert int(groups) >= 4 and passed == "True"

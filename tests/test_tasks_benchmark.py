@@ -12,16 +12,20 @@ SCRIPT = REPO_ROOT / "benchmarks" / "tasks.py"
 
 def test_quick_benchmark_writes_the_table_json_and_plot(tmp_path):
     output = tmp_path / "tasks.json"
-    result = run_python(SCRIPT, "--quick", "--threads", "1", "--tasks", "TextGen-Reverse-v0", "--output", str(output))
+    result = run_python(
+        SCRIPT,
+        *("--quick", "--threads", "1", "--tasks", "TextGen-Reverse-v0", "--output", str(output)),
+        *("--runs", "verified", "unverified", "grpo", "--group-size", "4"),
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    for run in ("verified", "unverified"):
+    for run in ("verified", "unverified", "grpo"):
         row = re.search(rf"^TextGen-Reverse-v0 +{run} +(.*)$", out, flags=re.MULTILINE)
         assert row, out
         assert len(re.findall(r"not reached|[\d,]+ \(\d+ s\)", row.group(1))) == 3, row.group(0)
     assert "seconds to 90 %, verified / unverified:" in out
     results = json.loads(output.read_text())["results"]
-    assert [r["run"] for r in results] == ["verified", "unverified"]
+    assert [r["run"] for r in results] == ["verified", "unverified", "grpo"]
     for r in results:
         steps = [p["timesteps"] for p in r["points"]]
         assert steps == sorted(steps) and steps[0] == 0 and steps[-1] >= 1024

@@ -302,6 +302,15 @@ def test_dashboard_without_updates_and_with_a_zero_optimum(tmp_path):
         ({"env_kwargs": {"vocab_size": 10}}, "env_kwargs"),
         ({"env_kwargs": {"colour": 1}}, "env_kwargs"),
         ({"policy_kwargs": [1]}, "policy_kwargs"),
+        ({"advantage_estimator": "ppo"}, "advantage_estimator: expected one of"),
+        ({"loss_agg_mode": "sum"}, "loss_agg_mode: expected one of"),
+        ({"clip_range_high": 0}, "clip_range_high"),
+        ({"filter_groups": "yes"}, "filter_groups"),
+        ({"stop_on_targets": 1}, "stop_on_targets"),
+        ({"group_size": 0}, "group_size"),
+        ({"group_size": 3}, r"group_size: n_envs \(128\) must be a multiple"),
+        ({"advantage_estimator": "grpo", "group_size": 4}, "critic_warmup: advantage_estimator 'grpo' trains no"),
+        ({"advantage_estimator": "rloo", "critic_warmup": 0}, "group_size: advantage_estimator 'rloo' compares"),
     ],
 )
 def test_more_train_config_errors_name_the_field(settings, name):
@@ -333,3 +342,70 @@ def test_the_loss_panel_stays_readable_after_a_spike_and_the_panels_show_their_b
     dashboard._plot_evaluations(ax, [{**e, "repetition_rate": 0.0} for e in evaluations], 20.0, 18.24, 0.00705)
     assert figure.axes[1].get_ylim()[1] > 1.2 * 0.705  # the random policy's line stays below the optimum's
     plt.close("all")
+
+
+def test_the_training_job_builds_a_group_estimator_on_grouped_environments():
+    config = TrainConfig(
+        **{**TINY, "ref_kl_coef": None},
+        advantage_estimator="rloo",
+        critic_warmup=0,
+        group_size=4,
+        loss_agg_mode="seq-mean-token-mean",
+        clip_range_high=0.28,
+    )
+    model = build_model(config)
+    assert (model.advantage_estimator, model.loss_agg_mode, model.clip_range_high(1.0)) == (
+        "rloo",
+        "seq-mean-token-mean",
+        0.28,
+    )
+    assert model.get_env().get_attr("group_size") == [4] * TINY["n_envs"]
+    model.learn(ROLLOUT)
+    assert model.logger.name_to_value["verl/groups"] == TINY["n_envs"] // 4
+
+
+def stubbed_targets(monkeypatch, verdicts):
+    """The recorder's target table replaced by one that passes or fails as ``verdicts`` say, in turn."""
+    from verl_sb3.app import recorder as recorder_module
+
+    answers = iter(verdicts)
+    monkeypatch.setattr(recorder_module, "evaluation_table", lambda figures, targets: [{"passed": next(answers)}])
+
+
+def test_training_stops_once_the_targets_hold_on_a_confirming_evaluation(tmp_path, monkeypatch):
+    stubbed_targets(monkeypatch, [True, True])  # the first evaluation meets them, its confirmation too
+    result = train(TrainConfig(**{**TINY, "ref_kl_coef": None}, output_dir=str(tmp_path)))
+    recorder = result["recorder"]
+    first_evaluation = math.ceil(TINY["eval_freq"] / ROLLOUT) * ROLLOUT  # 1120: between rollouts
+    assert recorder.targets_met_at == first_evaluation
+    # SB3 stops on the first step of the next rollout, which is not trained on
+    assert result["model"].num_timesteps == first_evaluation + TINY["n_envs"]
+    assert len(recorder.updates) == first_evaluation // ROLLOUT
+    evaluation = recorder.evaluations[0]
+    assert evaluation["targets_met"] == evaluation["confirmed"] == 1.0
+    assert set(evaluation["confirming"]) == {"mean_return", "diversity", "repetition_rate", "entropy"}
+    assert (tmp_path / "model_checkpoints" / "final_model.zip").is_file() and "figures" in result
+
+
+def test_an_unconfirmed_evaluation_does_not_stop_training(tmp_path, monkeypatch):
+    stubbed_targets(monkeypatch, [True, False] * 10)  # met, then not confirmed, at every evaluation
+    result = train(TrainConfig(**{**TINY, "ref_kl_coef": None}, output_dir=str(tmp_path)))
+    recorder = result["recorder"]
+    assert recorder.targets_met_at is None and result["model"].num_timesteps == N_UPDATES * ROLLOUT
+    assert [(e["targets_met"], e["confirmed"]) for e in recorder.evaluations] == [(1.0, 0.0)]  # at 1,120 steps
+
+
+def test_the_training_job_runs_a_critic_free_estimator_end_to_end(tmp_path):
+    config = TrainConfig(
+        **{**TINY, "ref_kl_coef": None},
+        advantage_estimator="grpo",
+        group_size=4,
+        critic_warmup=0,
+        output_dir=str(tmp_path),
+    )
+    result = train(config)
+    _, rows = read_csv(tmp_path / "updates.csv")
+    assert rows and all(math.isnan(float(row["value_loss"])) for row in rows)  # no critic, no value loss
+    assert all(row["policy_gradient_loss"] for row in rows if row["accepted"] == "1")
+    assert result["model"].advantage_estimator == "grpo" and (tmp_path / "training_curves.png").is_file()
+    assert load_checkpoint(tmp_path / "model_checkpoints" / "final_model.zip").advantage_estimator == "grpo"

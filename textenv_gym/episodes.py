@@ -101,12 +101,15 @@ class EpisodeStarter:
                 self.episode[rows] = 0 if restart else self.episode[rows] + 1
             self.sequences.reset(np.asarray(rows, dtype=np.int64))
 
+    @property
+    def grouped(self) -> bool:
+        """Whether episodes carry group keys: with a prompt source, or in groups of two or more."""
+        return self.draws or self.schedule.group_size > 1
+
     def info(self, row: int) -> dict[str, Any]:
-        """The prompt keys of ``row``'s reset info (none without a prompt source)."""
-        if not self.draws:
-            return {}
-        return {
-            **self.sequences.records[row].info(),
-            "group": int(self.group[row]),
-            "group_episode": int(self.episode[row]),
-        }
+        """The prompt and group keys of ``row``'s reset info (the prompt's only with a prompt source,
+        the group's only when :attr:`grouped`)."""
+        keys = self.sequences.records[row].info() if self.draws else {}
+        if self.grouped:
+            keys.update(group=int(self.group[row]), group_episode=int(self.episode[row]))
+        return keys

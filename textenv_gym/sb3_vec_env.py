@@ -34,6 +34,8 @@ class TextGenVecEnv(VecEnv):
     With ``prompts``, each episode's prompt keys (``prompt``, ``ground_truth``, ``data_source``,
     ``prompt_index``, ``group``, ``group_episode``) are in ``reset_infos`` when it starts, and
     the finished episode's ``prompt_index``, ``group`` and ``group_episode`` in its last info.
+    Without ``prompts`` but with ``group_size`` >= 2, groups share the empty prompt and only
+    ``group`` and ``group_episode`` are given (the group estimators of ``verl_sb3`` read them).
 
     :param num_envs: number of sequences.
     :param seed: seed of the action space's and the prompt draws' generators (the dynamics are
@@ -119,22 +121,27 @@ class TextGenVecEnv(VecEnv):
                         **finished[index],
                     }
                 )
-                if self.starter.draws:
+                if self.starter.grouped:
                     self.reset_infos[index] = self.starter.info(index)
         return self.sequences.tokens.copy(), outcome.reward.astype(np.float32), done.copy(), infos
 
     def _finished_episode(self, index: int, outcome) -> dict[str, Any]:
         """Which prompt and group the episode that ``index`` just ended answered, and its score's details."""
         info = {}
-        if self.starter.draws:
+        if self.starter.grouped:
             last = self.starter.info(index)
-            info.update((key, last[key]) for key in ("prompt_index", "group", "group_episode"))
+            info.update((key, last[key]) for key in ("prompt_index", "group", "group_episode") if key in last)
         if outcome.score_details.get(index):
             info["score_details"] = outcome.score_details[index]
         return info
 
     def close(self) -> None:
         pass
+
+    @property
+    def group_size(self) -> int:
+        """Environments answering the same prompts (the empty prompt without a prompt source)."""
+        return self.starter.schedule.group_size
 
     def get_attr(self, attr_name: str, indices: VecEnvIndices = None) -> list[Any]:
         return [getattr(self, attr_name) for _ in self._get_indices(indices)]

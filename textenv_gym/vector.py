@@ -92,7 +92,9 @@ class TextGenVectorEnv(VectorEnv):
     With ``prompts``, environments come in groups of ``group_size`` that answer the same drawn
     prompts in the same order (:class:`textenv_gym.prompts.PromptSchedule`); the reset info of an
     episode holds ``prompt``, ``ground_truth``, ``data_source``, ``prompt_index``, ``group`` and
-    ``group_episode`` (the episode's number within its group).
+    ``group_episode`` (the episode's number within its group). Without ``prompts`` but with
+    ``group_size`` >= 2, groups share the empty prompt and the reset info holds ``group`` and
+    ``group_episode`` only.
     """
 
     metadata = {"render_modes": ["ansi", "rgb_array"], "autoreset_mode": AutoresetMode.NEXT_STEP}
@@ -177,7 +179,7 @@ class TextGenVectorEnv(VectorEnv):
 
     def _add_prompt_info(self, info: dict[str, Any], rows: np.ndarray) -> None:
         """The prompt keys of the episodes started in ``rows``, as ``SyncVectorEnv`` batches them."""
-        if not self.starter.draws:
+        if not self.starter.grouped:
             return
         for row in rows:
             self._add_info(info, self.starter.info(int(row)), int(row))  # fills info in place

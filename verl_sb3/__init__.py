@@ -1,6 +1,8 @@
 """verl_sb3: verified PPO (Stable-Baselines3) for small language models."""
 
+from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
 from verl_sb3.entropy import EntropyController, TargetEntropyCallback
+from verl_sb3.estimation import AdvantageEstimationMixin
 from verl_sb3.kl_control import AdaptiveKLController, FixedKLController
 from verl_sb3.policies import SLMLstmPolicy, SLMTransformerPolicy
 from verl_sb3.ppo_update import PPOUpdateMixin
@@ -10,7 +12,10 @@ from verl_sb3.verified import VerificationMixin, VerifiedPPO, VerifiedRecurrentP
 from verl_sb3.warmup import CriticWarmupCallback
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "LOSS_AGG_MODES",
     "AdaptiveKLController",
+    "AdvantageEstimationMixin",
     "CheckResult",
     "CriticWarmupCallback",
     "EntropyController",

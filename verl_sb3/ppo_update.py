@@ -6,6 +6,10 @@ once for both kinds of policy (:mod:`verl_sb3.rollout`). Two things differ: the 
 figures are returned before they are logged, so that a verified update logs them only once it
 is accepted; and :meth:`PPOUpdateMixin._extra_losses` adds named terms to the loss (the
 reference-KL loss of :class:`verl_sb3.reference.ReferenceKLMixin`).
+
+With :class:`verl_sb3.estimation.AdvantageEstimationMixin` the same loop also takes separate
+lower and upper clip ranges (``clip_range_high``), weighs samples as veRL's ``loss_agg_mode``
+does (:meth:`PPOUpdateMixin._loss_mean`), and, without a critic, evaluates only the actor.
 """
 
 from __future__ import annotations
@@ -47,6 +51,10 @@ class PPOUpdateMixin:
     #: Train only the value function in the coming update (the actor frozen for its duration):
     #: the critic warm-up's switch, off again at the start of every ``learn()``.
     critic_only: bool = False
+    #: ``"gae"`` trains the critic; the critic-free estimators of :mod:`verl_sb3.advantages` do not.
+    advantage_estimator: str = "gae"
+    #: The upper clip range (a schedule, as ``clip_range``); None: ``clip_range`` on both sides.
+    clip_range_high: Any = None
 
     def _setup_learn(self, *args: Any, **kwargs: Any) -> Any:
         self.critic_only = False
@@ -70,8 +78,28 @@ class PPOUpdateMixin:
             update_learning_rate(optimizer, self._learning_rate())
 
     def _extra_losses(self, log_prob: th.Tensor, mask: th.Tensor | None) -> dict[str, th.Tensor]:
-        """Named terms added to a minibatch's loss, from the policy just evaluated on it (none here)."""
+        """Named terms added to a minibatch's loss, from the policy just evaluated on it (none here);
+        per-sample terms are aggregated with :meth:`_loss_mean`."""
         return {}
+
+    def _loss_mean(self, values: th.Tensor, mask: th.Tensor | None) -> th.Tensor:
+        """A per-sample term's share in the loss of the minibatch just drawn: SB3's mean over its
+        real samples, or, when the buffer weighs samples (``loss_agg_mode``, critic-free estimators),
+        ``n / m * sum(weight * value)`` over its ``m`` real samples of the rollout's ``n`` (an
+        unbiased estimate of the rollout's aggregated loss)."""
+        buffer = self.rollout_buffer
+        weights = getattr(buffer, "sample_weights", None)
+        if weights is None:
+            return masked_mean(values, mask)
+        rows = buffer.minibatch_rows(weights)
+        if mask is not None:
+            values, rows = values[mask], rows[mask]
+        return (values * rows).sum() * (weights.size / max(len(rows), 1))
+
+    @property
+    def trains_critic(self) -> bool:
+        """Whether the update has a value loss (GAE's critic)."""
+        return self.advantage_estimator == "gae"
 
     def _ppo_update(self) -> dict[str, Any]:
         """n_epochs passes of clipped-surrogate minibatch steps; the figures SB3 logs, and the extra terms'."""
@@ -80,21 +108,30 @@ class PPOUpdateMixin:
         progress = self._current_progress_remaining
         clip_range = self.clip_range(progress)
         clip_range_vf = None if self.clip_range_vf is None else self.clip_range_vf(progress)
+        clip_high = None if self.clip_range_high is None else self.clip_range_high(progress)
+        clips = (clip_range, clip_range if clip_high is None else clip_high)
         kind = policy_kind(self.policy)
         history: dict[str, list[float]] = {}
         with frozen(actor_parameters(self.policy) if self.critic_only else []):
-            loss, approx_kl_divs = self._epochs(kind, clip_range, clip_range_vf, history)
-        return self._update_summary(history, approx_kl_divs, loss, clip_range, clip_range_vf)
+            loss, approx_kl_divs = self._epochs(kind, clips, clip_range_vf, history)
+        figures = self._update_summary(history, approx_kl_divs, loss, clip_range, clip_range_vf)
+        if clip_high is not None:
+            figures["train/clip_range_high"] = clip_high
+        return figures
 
     def _epochs(
-        self, kind: Any, clip_range: float, clip_range_vf: float | None, history: dict[str, list[float]]
+        self,
+        kind: Any,
+        clips: tuple[float, float],
+        clip_range_vf: float | None,
+        history: dict[str, list[float]],
     ) -> tuple[th.Tensor, list]:
         """The optimisation: the last minibatch's loss and the last epoch's approximate KLs."""
         continue_training = True
         for epoch in range(self.n_epochs):
             approx_kl_divs = []
             for rollout_data in self.rollout_buffer.get(self.batch_size):
-                loss, approx_kl_div = self._minibatch_loss(kind, rollout_data, clip_range, clip_range_vf, history)
+                loss, approx_kl_div = self._minibatch_loss(kind, rollout_data, clips, clip_range_vf, history)
                 approx_kl_divs.append(approx_kl_div)
                 if self.target_kl is not None and approx_kl_div > 1.5 * self.target_kl:
                     continue_training = False
@@ -114,50 +151,73 @@ class PPOUpdateMixin:
         self,
         kind: Any,
         rollout_data: Any,
-        clip_range: float,
+        clips: tuple[float, float],
         clip_range_vf: float | None,
         history: dict[str, list[float]],
     ) -> tuple[th.Tensor, np.ndarray]:
         """PPO's loss on one minibatch (its figures appended to ``history``) and the k3 estimate of
-        KL(old || new) for early stopping."""
+        KL(old || new) for early stopping. ``clips``: the lower and upper clip ranges."""
         actions = rollout_data.actions
         if isinstance(self.action_space, spaces.Discrete):
             actions = rollout_data.actions.long().flatten()
         mask = kind.minibatch_mask(rollout_data)
-        values, log_prob, entropy = kind.evaluate_minibatch(self.policy, rollout_data, actions)
-        values = values.flatten()
+        if self.trains_critic:
+            values, log_prob, entropy = kind.evaluate_minibatch(self.policy, rollout_data, actions)
+        else:
+            log_prob, entropy = kind.evaluate_actor_minibatch(self.policy, rollout_data, actions)
         advantages = rollout_data.advantages
         if self.normalize_advantage:
             advantages = normalized_advantages(advantages, mask)
 
-        ratio = th.exp(log_prob - rollout_data.old_log_prob)
-        policy_loss_1 = advantages * ratio
-        policy_loss_2 = advantages * th.clamp(ratio, 1 - clip_range, 1 + clip_range)
-        policy_loss = -masked_mean(th.min(policy_loss_1, policy_loss_2), mask)
-        clip_fraction = masked_mean((th.abs(ratio - 1) > clip_range).float(), mask)
-
-        values_pred = values
-        if clip_range_vf is not None:  # clip the change of the value (depends on the reward scale)
-            values_pred = rollout_data.old_values + th.clamp(
-                values - rollout_data.old_values, -clip_range_vf, clip_range_vf
-            )
-        if mask is None:
-            value_loss = F.mse_loss(rollout_data.returns, values_pred)
-        else:
-            value_loss = th.mean(((rollout_data.returns - values_pred) ** 2)[mask])
-        entropy_loss = -masked_mean(-log_prob if entropy is None else entropy, mask)
-
-        loss = policy_loss + self.ent_coef * entropy_loss + self.vf_coef * value_loss
+        policy_loss, clip_fraction = self._policy_loss(log_prob, rollout_data.old_log_prob, advantages, clips, mask)
+        entropy_loss = -self._loss_mean(-log_prob if entropy is None else entropy, mask)
+        loss = policy_loss + self.ent_coef * entropy_loss
+        figures = dict(policy_gradient_loss=policy_loss, clip_fraction=clip_fraction)
+        if self.trains_critic:
+            figures["value_loss"] = self._value_loss(values.flatten(), rollout_data, clip_range_vf, mask)
+            loss = loss + self.vf_coef * figures["value_loss"]
         extra_losses = self._extra_losses(log_prob, mask)
         for term in extra_losses.values():
             loss = loss + term
-        figures = dict(policy_gradient_loss=policy_loss, clip_fraction=clip_fraction, value_loss=value_loss)
         for name, value in {**figures, "entropy_loss": entropy_loss, **extra_losses}.items():
             history.setdefault(name, []).append(value.item())
         with th.no_grad():
             log_ratio = log_prob - rollout_data.old_log_prob
             approx_kl_div = masked_mean((th.exp(log_ratio) - 1) - log_ratio, mask).cpu().numpy()
         return loss, approx_kl_div
+
+    def _policy_loss(
+        self,
+        log_prob: th.Tensor,
+        old_log_prob: th.Tensor,
+        advantages: th.Tensor,
+        clips: tuple[float, float],
+        mask: th.Tensor | None,
+    ) -> tuple[th.Tensor, th.Tensor]:
+        """The clipped surrogate loss, the ratio clipped to ``[1 - low, 1 + high]`` (DAPO's clip-higher
+        when ``high > low``), and the share of samples whose ratio lies outside that range."""
+        low, high = clips
+        ratio = th.exp(log_prob - old_log_prob)
+        policy_loss_1 = advantages * ratio
+        policy_loss_2 = advantages * th.clamp(ratio, 1 - low, 1 + high)
+        policy_loss = -self._loss_mean(th.min(policy_loss_1, policy_loss_2), mask)
+        outside = th.abs(ratio - 1) > low if high == low else (ratio < 1 - low) | (ratio > 1 + high)
+        return policy_loss, masked_mean(outside.float(), mask)
+
+    def _value_loss(
+        self, values: th.Tensor, rollout_data: Any, clip_range_vf: float | None, mask: th.Tensor | None
+    ) -> th.Tensor:
+        """The critic's squared error to the returns, its change clipped by ``clip_range_vf``."""
+        values_pred = values
+        if clip_range_vf is not None:  # clip the change of the value (depends on the reward scale)
+            values_pred = rollout_data.old_values + th.clamp(
+                values - rollout_data.old_values, -clip_range_vf, clip_range_vf
+            )
+        if getattr(self.rollout_buffer, "sample_weights", None) is not None:
+            return self._loss_mean((rollout_data.returns - values_pred) ** 2, mask)
+        if mask is None:
+            return F.mse_loss(rollout_data.returns, values_pred)
+        return th.mean(((rollout_data.returns - values_pred) ** 2)[mask])
 
     def _update_summary(
         self,
@@ -171,11 +231,12 @@ class PPOUpdateMixin:
         buffer = self.rollout_buffer
         figures = {
             "train/learning_rate": self._learning_rate(),
-            **{f"train/{name}": np.mean(history[name]) for name in SB3_FIGURES},
+            **{f"train/{name}": np.mean(history[name]) for name in SB3_FIGURES if name in history},
             "train/approx_kl": np.mean(approx_kl_divs),
             "train/loss": loss.item(),
-            "train/explained_variance": explained_variance(buffer.values.flatten(), buffer.returns.flatten()),
         }
+        if self.trains_critic:
+            figures["train/explained_variance"] = explained_variance(buffer.values.flatten(), buffer.returns.flatten())
         extra = {f"train/{name}": float(np.mean(values)) for name, values in history.items() if name not in SB3_FIGURES}
         figures.update(extra)
         if hasattr(self.policy, "log_std"):

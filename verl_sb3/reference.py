@@ -203,7 +203,8 @@ class ReferenceKLMixin:
         super().train()
 
     def _extra_losses(self, log_prob: th.Tensor, mask: th.Tensor | None) -> dict[str, th.Tensor]:
-        """Loss mode: ``beta * mean KL(policy || reference)`` over the minibatch's real samples."""
+        """Loss mode: ``beta * mean KL(policy || reference)`` over the minibatch's real samples
+        (aggregated as the policy loss: veRL's ``loss_agg_mode`` applies to its KL loss too)."""
         terms = super()._extra_losses(log_prob, mask)
         rollout = self._ref_rollout
         if self.kl_ctrl is None or self.ref_kl_mode != "loss" or rollout is None:
@@ -218,7 +219,7 @@ class ReferenceKLMixin:
             raise RuntimeError(
                 f"reference KL loss: {tuple(kl.shape)} values for a minibatch of {tuple(log_prob.shape)}"
             )
-        return {**terms, "ref_kl_loss": rollout["kl_coef"] * (kl.mean() if mask is None else kl[mask].mean())}
+        return {**terms, "ref_kl_loss": rollout["kl_coef"] * self._loss_mean(kl, mask)}
 
 
 def _reference_state_dict(reference: Reference, device: th.device) -> dict[str, th.Tensor]:

@@ -47,7 +47,10 @@ class RolloutBatch:
     """The rollout just collected, one row per (environment, step), environment-major.
 
     ``lstm_states`` (recurrent policies) are the actor's states at each environment's first
-    step, shaped ``(layers, n_envs, hidden)``.
+    step, shaped ``(layers, n_envs, hidden)``. With a buffer that weighs samples
+    (:class:`verl_sb3.buffers.SampleIndices`), ``sample_weights`` are their weights in the loss and,
+    for a critic-free estimator, ``sample_episodes`` / ``sample_groups`` each sample's episode and
+    the group it was compared in (-1: left out of the loss).
     """
 
     observations: th.Tensor | dict[str, th.Tensor]
@@ -58,6 +61,10 @@ class RolloutBatch:
     returns: th.Tensor
     episode_starts: th.Tensor
     lstm_states: LSTMStates | None = None
+    estimator: str = "gae"
+    sample_weights: th.Tensor | None = None
+    sample_episodes: th.Tensor | None = None
+    sample_groups: th.Tensor | None = None
 
     @property
     def token_actions(self) -> th.Tensor:
@@ -79,7 +86,7 @@ class FeedForward:
             return th.as_tensor(array if flat else buffer.swap_and_flatten(array), device=device)
 
         observations = buffer.observations
-        return RolloutBatch(
+        batch = RolloutBatch(
             observations={k: tensor(v) for k, v in observations.items()}
             if isinstance(observations, dict)
             else tensor(observations),
@@ -90,6 +97,15 @@ class FeedForward:
             returns=tensor(buffer.returns).flatten(),
             episode_starts=tensor(buffer.episode_starts).flatten(),
         )
+        weights = getattr(buffer, "sample_weights", None)
+        if weights is not None:  # environment-major already
+            batch.sample_weights = th.as_tensor(weights, device=device)
+            batch.estimator = buffer.advantage_settings.estimator
+            estimate, episodes = buffer.estimate, buffer.episodes
+            if estimate is not None:
+                batch.sample_episodes = th.as_tensor(episodes.episode, device=device)
+                batch.sample_groups = th.as_tensor(estimate.group[episodes.episode], device=device)
+        return batch
 
     @staticmethod
     def distribution(
@@ -115,6 +131,12 @@ class FeedForward:
     def evaluate_minibatch(policy: BasePolicy, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
         """Values, log-probabilities and entropy of a minibatch of ``buffer.get()``."""
         return policy.evaluate_actions(samples.observations, actions)
+
+    @staticmethod
+    def evaluate_actor_minibatch(policy: BasePolicy, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+        """Log-probabilities and entropy of a minibatch, from the actor alone (no value computed)."""
+        distribution = policy.get_distribution(samples.observations)
+        return distribution.log_prob(actions), distribution.entropy()
 
     @staticmethod
     def minibatch_mask(samples: Any) -> th.Tensor | None:
@@ -156,6 +178,11 @@ class Recurrent(FeedForward):
     @staticmethod
     def evaluate_minibatch(policy: BasePolicy, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
         return policy.evaluate_actions(samples.observations, actions, samples.lstm_states, samples.episode_starts)
+
+    @staticmethod
+    def evaluate_actor_minibatch(policy: BasePolicy, samples: Any, actions: th.Tensor) -> tuple[th.Tensor, ...]:
+        distribution, _ = policy.get_distribution(samples.observations, samples.lstm_states.pi, samples.episode_starts)
+        return distribution.log_prob(actions), distribution.entropy()
 
     @staticmethod
     def minibatch_mask(samples: Any) -> th.Tensor | None:

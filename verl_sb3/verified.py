@@ -19,6 +19,7 @@ from stable_baselines3 import PPO
 from stable_baselines3.common.distributions import Distribution
 
 from verl_sb3.entropy import DEFAULT_ENTROPY_COEF_RATE, EntropyController
+from verl_sb3.estimation import AdvantageEstimationMixin
 from verl_sb3.judged_collection import JudgedCollectionMixin
 from verl_sb3.policies import SLMLstmPolicy, SLMTransformerPolicy
 from verl_sb3.ppo_update import PPOUpdateMixin
@@ -321,7 +322,7 @@ class VerificationMixin(JudgedCollectionMixin, SafeLoadMixin):
         warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
-class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPOUpdateMixin, PPO):
+class VerifiedPPO(VerificationMixin, ReferenceKLMixin, AdvantageEstimationMixin, PPOUpdateMixin, PPO):
     """SB3's PPO whose every update is verified, backtracked when it fails, rolled back if still failing.
 
     All of ``PPO``'s arguments and behaviour are kept (with permissive thresholds it trains bit
@@ -354,13 +355,17 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, PPOUpdateMixin, PPO):
     (any :class:`~verl_sb3.verification.judgement.RolloutJudge`), and ``lr_shrink``,
     ``lr_recovery``, ``min_lr_scale`` (:class:`~verl_sb3.verification.judgement.UndoSettings`).
     KL control toward a frozen reference policy takes :class:`verl_sb3.reference.ReferenceKLMixin`'s
-    ``ref_kl_*`` arguments and ``reference``. Accepts the policy ``"SLMTransformerPolicy"`` by name.
+    ``ref_kl_*`` arguments and ``reference``. The advantage estimator and veRL's loss settings
+    (``advantage_estimator``: GAE or GRPO, Dr. GRPO, RLOO, REINFORCE++; ``loss_agg_mode``,
+    ``clip_range_high``, ``filter_groups``) are :class:`verl_sb3.estimation.AdvantageEstimationMixin`'s;
+    with a critic-free one the critic's checks give way to ``group_advantages``. Accepts the policy
+    ``"SLMTransformerPolicy"`` by name.
     """
 
     policy_aliases: ClassVar[dict[str, type]] = {**PPO.policy_aliases, "SLMTransformerPolicy": SLMTransformerPolicy}
 
 
-class VerifiedRecurrentPPO(VerificationMixin, ReferenceKLMixin, PPOUpdateMixin, RecurrentPPO):
+class VerifiedRecurrentPPO(VerificationMixin, ReferenceKLMixin, AdvantageEstimationMixin, PPOUpdateMixin, RecurrentPPO):
     """sb3-contrib's RecurrentPPO with the verification of :class:`VerifiedPPO`.
 
     The update is verified on the rollout's sequences with their stored LSTM states and episode

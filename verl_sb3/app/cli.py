@@ -26,6 +26,7 @@ from typing import Any
 import torch as th
 
 from verl_sb3 import __version__
+from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
 
 PROG = "verl-sb3"
 
@@ -44,6 +45,11 @@ TRAIN_OPTIONS = (
     "output_dir",
     "threads",
     "progress_bar",
+    "advantage_estimator",
+    "critic_warmup",
+    "group_size",
+    "loss_agg_mode",
+    "stop_on_targets",
 )
 
 
@@ -153,6 +159,21 @@ def _add_train_command(commands: Any) -> None:
         nargs="+",
         metavar="IDS",
         help='token ids that must not be generated: "3,7" or 3 7 ("" for none)',
+    )
+    train.add_argument(
+        "--advantage-estimator",
+        choices=ADVANTAGE_ESTIMATORS,
+        help="gae (default, with the critic) or a critic-free one (then --critic-warmup 0); grpo, dr_grpo and "
+        "rloo need --group-size >= 2",
+    )
+    train.add_argument("--critic-warmup", type=_integer(0), help="updates that train only the critic at the start")
+    train.add_argument("--group-size", type=_integer(1), help="environments answering the same prompts (default 1)")
+    train.add_argument("--loss-agg-mode", choices=LOSS_AGG_MODES, help="veRL's loss aggregation (default token-mean)")
+    train.add_argument(
+        "--no-stop-on-targets",
+        dest="stop_on_targets",
+        action="store_false",
+        help="train for --total-timesteps even after the evaluation targets are met and confirmed",
     )
     train.add_argument("--output-dir", help="folder of the outputs (default: results)")
     train.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")

@@ -19,6 +19,7 @@ except ImportError:  # older releases: the same schedule as a closure
     from stable_baselines3.common.utils import get_linear_fn as LinearSchedule
 
 from textenv_gym.dynamics import TextGenConfig
+from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, LOSS_AGG_MODES
 from verl_sb3.verification.config import DEFAULT_KL_THRESHOLD
 
 
@@ -72,10 +73,14 @@ class TrainConfig:
     then start from :data:`TASK_DEFAULTS`. A task sets the vocabulary and the length itself, so
     ``vocab_size``, ``max_length`` and ``forbidden_tokens`` must keep their defaults. For a
     task, ``eval_sequences`` and ``final_eval_sequences`` are the answers sampled per test prompt.
+    ``advantage_estimator``, ``loss_agg_mode``, ``clip_range_high``, ``filter_groups``: see
+    :mod:`verl_sb3.estimation`; ``group_size``: environments answering in groups. With
+    ``stop_on_targets``, training ends at the first evaluation meeting the evaluation targets whose
+    confirming evaluation (``final_eval_sequences`` fresh samples) meets them too.
     """
 
     env_id: str = DEFAULT_ENV_ID
-    total_timesteps: int = 1_200_000
+    total_timesteps: int = 150_000
     n_envs: int = 128
     seed: int = 0
     learning_rate: float = 1e-3
@@ -88,24 +93,30 @@ class TrainConfig:
     forbidden_tokens: list[int] = field(default_factory=list)
     output_dir: str = "results"
     n_steps: int = 20
-    batch_size: int = 320
+    batch_size: int = 160
     n_epochs: int = 5
     gamma: float = 1.0
     gae_lambda: float = 0.8
     clip_range: float = 0.2
     critic_warmup: int = 10
     ent_coef: float = 0.0
-    target_entropy: float | None = 2.3
+    target_entropy: float | None = 2.5
     ref_kl_coef: float | None = None
+    advantage_estimator: str = "gae"
+    loss_agg_mode: str = "token-mean"
+    clip_range_high: float | None = None
+    filter_groups: bool = False
+    group_size: int = 1
+    stop_on_targets: bool = True
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     policy_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_critic_lstm": False})
     verification: dict[str, Any] = field(default_factory=dict)
     env_kwargs: dict[str, Any] = field(default_factory=dict)
-    eval_freq: int = 50_000
+    eval_freq: int = 10_240
     eval_sequences: int = 200
     final_eval_sequences: int = 500
-    checkpoint_freq: int = 200_000
+    checkpoint_freq: int = 50_000
     threads: int = field(default_factory=default_threads)
     progress_bar: bool = True
     verbose: int = 0
@@ -129,6 +140,7 @@ class TrainConfig:
             "final_eval_sequences",
             "checkpoint_freq",
             "threads",
+            "group_size",
         ):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -153,9 +165,10 @@ class TrainConfig:
             number("max_reuse_rise", 0.0)
         if self.ref_kl_coef is not None:
             number("ref_kl_coef", 0.0)
-        for name in ("progress_bar",):
+        for name in ("progress_bar", "filter_groups", "stop_on_targets"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
+        _check_estimator_settings(self)
         if isinstance(self.verbose, bool) or self.verbose not in (0, 1, 2):
             raise ValueError(f"verbose: expected 0, 1 or 2, got {self.verbose!r}")
         if not isinstance(self.env_id, str):
@@ -280,6 +293,15 @@ class TrainConfig:
             seed=self.seed,
         )
 
+    def estimator_kwargs(self) -> dict[str, Any]:
+        """The verified PPO's advantage-estimation arguments (:mod:`verl_sb3.estimation`)."""
+        return dict(
+            advantage_estimator=self.advantage_estimator,
+            loss_agg_mode=self.loss_agg_mode,
+            clip_range_high=self.clip_range_high,
+            filter_groups=self.filter_groups,
+        )
+
     def verification_kwargs(self) -> dict[str, Any]:
         """The verified PPO's verification arguments: this configuration's fields, then ``verification``."""
         return {**self._own_verification_kwargs(), **self.verification}
@@ -293,3 +315,28 @@ class TrainConfig:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def _check_estimator_settings(config: TrainConfig) -> None:
+    """A ValueError naming the advantage-estimation setting of ``config`` that does not fit."""
+    if config.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(
+            f"advantage_estimator: expected one of {list(ADVANTAGE_ESTIMATORS)}, got {config.advantage_estimator!r}"
+        )
+    if config.loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode: expected one of {list(LOSS_AGG_MODES)}, got {config.loss_agg_mode!r}")
+    high = config.clip_range_high
+    if high is not None and (isinstance(high, bool) or not isinstance(high, (int, float)) or not high > 0):
+        raise ValueError(f"clip_range_high: expected a number > 0 or null, got {high!r}")
+    if config.advantage_estimator != "gae" and config.critic_warmup:
+        raise ValueError(
+            f"critic_warmup: advantage_estimator {config.advantage_estimator!r} trains no critic; "
+            "set critic_warmup to 0"
+        )
+    if config.advantage_estimator in GROUP_ESTIMATORS and config.group_size < 2:
+        raise ValueError(
+            f"group_size: advantage_estimator {config.advantage_estimator!r} compares the episodes of a group; "
+            f"set group_size >= 2 (got {config.group_size})"
+        )
+    if config.n_envs % config.group_size:
+        raise ValueError(f"group_size: n_envs ({config.n_envs}) must be a multiple of group_size ({config.group_size})")

@@ -17,6 +17,7 @@ from verl_sb3.app.config import TrainConfig
 from verl_sb3.app.files import open_fresh
 from verl_sb3.app.job import JOB_STATE_ENTRY
 from verl_sb3.app.suites import suite_for
+from verl_sb3.app.targets import evaluation_table
 from verl_sb3.checkpoints import save_checkpoint
 
 #: Seconds between two progress lines (and one at every evaluation).
@@ -31,7 +32,10 @@ class TrainingRecorder(BaseCallback):
     from it (:meth:`resumed`) writes what the uninterrupted job would have written. With
     ``progress_lines`` it prints a line every :data:`PROGRESS_SECONDS` and at each evaluation
     (for logs, where no progress bar shows). :meth:`request_stop` ends training at the next
-    rollout boundary, after a resumable checkpoint (``stopped_at``).
+    rollout boundary, after a resumable checkpoint (``stopped_at``). With the configuration's
+    ``stop_on_targets``, an evaluation that meets the evaluation targets is confirmed on
+    ``final_eval_sequences`` fresh samples, and when that one meets them too training ends
+    (``targets_met_at``: the step; the evaluation's ``targets_met`` and ``confirmed`` say so).
 
     :param config: the job's settings.
     :param output: the job's folder.
@@ -70,6 +74,7 @@ class TrainingRecorder(BaseCallback):
         self.evaluations: list[dict[str, float]] = []
         self.best_return = -math.inf
         self.stopped_at: Path | None = None
+        self.targets_met_at: int | None = None
         self._next_eval = config.eval_freq
         self._next_checkpoint = config.checkpoint_freq
         self._recent: list[float] = []
@@ -88,6 +93,7 @@ class TrainingRecorder(BaseCallback):
             "updates": self.updates,
             "evaluations": self.evaluations,
             "best_return": self.best_return,
+            "targets_met_at": self.targets_met_at,
             "next_eval": self._next_eval,
             "next_checkpoint": self._next_checkpoint,
             "recent": self._recent,
@@ -108,6 +114,7 @@ class TrainingRecorder(BaseCallback):
         recorder.episode_timesteps, recorder.episode_returns = state["episode_timesteps"], state["episode_returns"]
         recorder.updates, recorder.evaluations = state["updates"], state["evaluations"]
         recorder.best_return, recorder._recent = state["best_return"], state["recent"]
+        recorder.targets_met_at = state.get("targets_met_at")  # absent from checkpoints of earlier versions
         recorder._next_eval, recorder._next_checkpoint = state["next_eval"], state["next_checkpoint"]
         recorder._start = recorder._last_progress = time.perf_counter() - state["wall_time"]
         return recorder
@@ -131,7 +138,7 @@ class TrainingRecorder(BaseCallback):
                 self.episode_timesteps.append(self.num_timesteps)
                 self.episode_returns.append(float(episode["r"]))
                 self._recent.append(float(episode["r"]))
-        return self.stopped_at is None
+        return self.stopped_at is None and self.targets_met_at is None
 
     def _on_rollout_start(self) -> None:
         self._record_update()
@@ -199,12 +206,32 @@ class TrainingRecorder(BaseCallback):
         suite = suite_for(self.model)
         figures = suite.evaluate(self.model, self.config.eval_sequences, self.config.seed + len(self.evaluations))
         figures.update(timesteps=self.num_timesteps, wall_time=time.perf_counter() - self._start)
+        if self.config.stop_on_targets:
+            self._confirm_targets(suite, figures)
         self.evaluations.append(figures)
         for name in suite.logged:
             self.logger.record(f"eval/{name}", figures[name])
         if figures[suite.best] > self.best_return:
             self.best_return = figures[suite.best]
             save_checkpoint(self.model, self.output / "model_checkpoints" / "best_model.zip")
+
+    def _confirm_targets(self, suite: Any, figures: dict[str, Any]) -> None:
+        """Whether ``figures`` meet the targets and a confirming evaluation does too (then training stops)."""
+        met = all(row["passed"] for row in evaluation_table(figures, suite.targets))
+        confirmed = False
+        if met:
+            seed = self.config.seed + 20_000 + len(self.evaluations)
+            again = suite.evaluate(self.model, self.config.final_eval_sequences, seed)
+            confirmed = all(row["passed"] for row in evaluation_table(again, suite.targets))
+            figures["confirming"] = {name: again[name] for name in suite.logged}
+        figures.update(targets_met=float(met), confirmed=float(confirmed))
+        if confirmed:
+            self.targets_met_at = self.num_timesteps
+            print(
+                f"verl-sb3: evaluation targets met at {self.num_timesteps:,} steps and confirmed on "
+                f"{self.config.final_eval_sequences} fresh samples: training stops",
+                flush=True,
+            )
 
     def _print_progress(self) -> None:
         self._last_progress = now = time.perf_counter()

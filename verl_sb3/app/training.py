@@ -57,7 +57,9 @@ def _logger_formats() -> list[str]:
 
 def build_env(config: TrainConfig) -> Any:
     """The job's vectorised environment."""
-    return make_textgen_vec_env(config.n_envs, seed=config.seed, **config.textgen.as_kwargs())
+    return make_textgen_vec_env(
+        config.n_envs, seed=config.seed, group_size=config.group_size, **config.textgen.as_kwargs()
+    )
 
 
 def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
@@ -68,6 +70,7 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
         build_env(config),
         **config.ppo_kwargs(),
         verbose=config.verbose,
+        **config.estimator_kwargs(),
         **config.verification_kwargs(),
     )
     return record_environment(model, config)
@@ -114,7 +117,8 @@ def resume(
         checkpoint = newest_checkpoint(output)
         with zipfile.ZipFile(checkpoint) as archive:
             state = json.loads(archive.read(JOB_STATE_ENTRY))
-        changed = sorted(k for k, v in config.as_dict().items() if k != "progress_bar" and state["config"].get(k) != v)
+        saved = state["config"]  # settings added since the checkpoint was written are not in it
+        changed = sorted(k for k, v in config.as_dict().items() if k != "progress_bar" and k in saved and saved[k] != v)
         if changed:
             raise JobError(f"--resume {str(output)!r}: config.yaml changed since {checkpoint.name}: {changed}")
         th.set_num_threads(config.threads)

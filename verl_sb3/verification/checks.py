@@ -72,15 +72,61 @@ def advantage_normalization_check(ctx: UpdateContext, tolerance: float) -> Check
     return CheckResult(passed, error, tolerance, f"normalised advantages: mean {mean:.3g}, std {std:.3g}")
 
 
+def group_advantage_check(ctx: UpdateContext, tolerance: float) -> CheckResult:
+    """A critic-free estimator's advantages, over the samples in the loss: finite; for GRPO, Dr. GRPO
+    and RLOO the same at every step of an episode and centred within each group (the largest
+    episode spread or group mean, relative to ``1 + max |A|``, at most ``tolerance``); for
+    REINFORCE++ whitened (mean within ``tolerance`` of 0, standard deviation of 1). Groups whose
+    advantages are all 0 (equal outcomes: nothing to learn) are counted in the details."""
+    advantages = ctx.advantages.double()
+    if ctx.estimator == "reinforce_plus_plus":
+        values = advantages[ctx.sample_weights > 0]
+        bad = int((~th.isfinite(values)).sum())
+        if values.numel() < 2:
+            return CheckResult(bad == 0, 0.0, tolerance, f"{values.numel()} samples in the loss")
+        mean, std = values.mean().item(), values.std().item()
+        error = max(abs(mean), abs(std - 1.0))
+        passed = bad == 0 and _finite(error) and error <= tolerance
+        message = f"whitened advantages: mean {mean:.3g}, std {std:.3g}; {bad} non-finite"
+        return CheckResult(passed, error, tolerance, message)
+    included = ctx.sample_groups >= 0
+    values, groups = advantages[included], ctx.sample_groups[included]
+    bad = int((~th.isfinite(values)).sum())
+    if values.numel() == 0:
+        return CheckResult(True, 0.0, tolerance, "no group in the loss", {"groups": 0.0, "zero_variance_groups": 0.0})
+    episodes, inverse = th.unique(ctx.sample_episodes[included], return_inverse=True)
+    episode_mean = th.zeros(len(episodes), dtype=values.dtype).index_add_(0, inverse, values)
+    episode_mean /= th.bincount(inverse, minlength=len(episodes))
+    spread = (values - episode_mean[inverse]).abs().max().item()
+    episode_group = th.zeros(len(episodes), dtype=groups.dtype).scatter_(0, inverse, groups)
+    group_ids, group_of = th.unique(episode_group, return_inverse=True)
+    size = th.bincount(group_of, minlength=len(group_ids))
+    group_mean = th.zeros(len(group_ids), dtype=values.dtype).index_add_(0, group_of, episode_mean) / size
+    moving = th.zeros(len(group_ids), dtype=values.dtype).index_add_(0, group_of, (episode_mean != 0).double())
+    zero_variance = int((moving == 0).sum())
+    error = max(group_mean.abs().max().item(), spread) / (1.0 + values.abs().max().item())
+    passed = bad == 0 and _finite(error) and error <= tolerance
+    message = (
+        f"{len(group_ids)} groups: largest |group mean| or in-episode spread / (1 + max |A|) = {error:.3g}; "
+        f"{zero_variance} with all advantages 0; {bad} non-finite"
+    )
+    details = {"groups": float(len(group_ids)), "zero_variance_groups": float(zero_variance)}
+    return CheckResult(passed, error, tolerance, message, details)
+
+
 def surrogate_check(ctx: UpdateContext, tolerance: float) -> CheckResult:
-    """The update did not lower its own surrogate: mean(ratio * A) - mean(A) >= -``tolerance``.
+    """The update did not lower its own surrogate: mean(ratio * A) - mean(A) >= -``tolerance``
+    (weighted as the loss weighs the samples, when it does).
 
     The message also reports the share of samples whose log-probability moved in the direction
     of their advantage.
     """
     advantages = ctx.policy_advantages
     log_ratio = ctx.new_log_prob - ctx.old_log_prob
-    gain = (th.exp(log_ratio) * advantages).mean().item() - advantages.mean().item()
+    if ctx.sample_weights is None:
+        gain = (th.exp(log_ratio) * advantages).mean().item() - advantages.mean().item()
+    else:  # the loss's own weighing of the samples (loss_agg_mode)
+        gain = (ctx.sample_weights * th.expm1(log_ratio) * advantages).sum().item()
     aligned = advantage_alignment(ctx)
     passed = _finite(gain) and gain >= -tolerance
     return CheckResult(

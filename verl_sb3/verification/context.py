@@ -56,6 +56,13 @@ class UpdateContext:
     #: the repeat-mass check reads it from ``observations`` (token sequences)
     previous_tokens: th.Tensor | None = None
     observations: Any = None
+    #: the advantage estimator (``"gae"`` or a critic-free one of :mod:`verl_sb3.advantages`);
+    #: per real sample, its weight in the loss (None: the mean), and for a critic-free estimator
+    #: its episode and the group it was compared in (-1: left out of the loss)
+    estimator: str = "gae"
+    sample_weights: th.Tensor | None = None
+    sample_episodes: th.Tensor | None = None
+    sample_groups: th.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._all_real = bool(self.mask.all())
@@ -127,6 +134,10 @@ def rollout_context(
         parameters=parameters,
         forbidden_tokens=forbidden_tokens,
         observations=batch.observations,
+        estimator=batch.estimator,
+        sample_weights=batch.sample_weights,
+        sample_episodes=batch.sample_episodes,
+        sample_groups=batch.sample_groups,
     )
 
 

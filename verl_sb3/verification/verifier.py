@@ -39,12 +39,16 @@ def verify_update(ctx: UpdateContext, config: VerificationConfig) -> Results:
 
 
 def rollout_checks(ctx: UpdateContext, config: VerificationConfig) -> Results:
-    """The checks of the rollout's advantages, returns and values (independent of the update)."""
-    results = {
-        "advantage_finite": C.advantage_finite_check(ctx),
-        "returns_match": C.returns_match_check(ctx, config.returns_tolerance),
-        "advantage_normalization": C.advantage_normalization_check(ctx, config.advantage_tolerance),
-    }
+    """The checks of the rollout's advantages, returns and values (independent of the update): the
+    critic's for GAE, the group advantages' for a critic-free estimator."""
+    if ctx.estimator == "gae":
+        results = {
+            "advantage_finite": C.advantage_finite_check(ctx),
+            "returns_match": C.returns_match_check(ctx, config.returns_tolerance),
+            "advantage_normalization": C.advantage_normalization_check(ctx, config.advantage_tolerance),
+        }
+    else:
+        results = {"group_advantages": C.group_advantage_check(ctx, config.advantage_tolerance)}
     if config.max_abs_return is not None:
         results["return_bound"] = C.return_bound_check(ctx, config.max_abs_return)
     return results
