@@ -49,6 +49,13 @@ ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_plus_plus")
 GROUP_ESTIMATORS = ("grpo", "dr_grpo", "rloo")
 THRESHOLDS = learning.THRESHOLDS  # 19.0, 19.5, 19.8
 MIN_ENTROPY = 2.0
+DESCRIPTIONS = {
+    "gae": "GAE with the critic (the default training)",
+    "grpo": "GRPO",
+    "dr_grpo": "Dr. GRPO",
+    "rloo": "RLOO",
+    "reinforce_plus_plus": "REINFORCE++",
+}
 
 
 def run_config(estimator: str, seed: int, factor: float, group_size: int, permissive: bool) -> TrainConfig:
@@ -89,7 +96,7 @@ def train_run(estimator: str, args: argparse.Namespace, factor: float, permissiv
     result = learning.RunResult(
         key,
         estimator,
-        f"{estimator}{', permissive checks' if permissive else ''}",
+        f"{DESCRIPTIONS[estimator]}{', permissive checks' if permissive else ''}",
         factor,
         steps=int(model.num_timesteps),
         train_seconds=recorder.train_seconds,

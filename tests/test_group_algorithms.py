@@ -304,3 +304,21 @@ def test_a_checkpoint_with_bad_estimator_settings_is_refused_by_name(tmp_path, e
     with pytest.raises(CheckpointError, match=message):
         load_checkpoint(rewritten_data(saved, tmp_path / "bad.zip", **{entry: value}))
     assert load_checkpoint(saved).advantage_estimator == "grpo"
+
+
+def test_groups_sharing_the_empty_prompt_carry_group_keys_in_both_vector_forms():
+    import gymnasium as gym
+
+    vector = gym.make_vec("TextGen-v0", 4, vectorization_mode="vector_entry_point", group_size=2, max_length=3)
+    _, info = vector.reset(seed=0)
+    assert info["group"].tolist() == [0, 0, 1, 1] and info["group_episode"].tolist() == [0] * 4
+    for _ in range(4):  # 3 steps end the episodes, the 4th resets them (next-step autoreset)
+        _, _, _, _, info = vector.step(vector.action_space.sample())
+    assert info["group_episode"].tolist() == [1] * 4
+    sb3 = grouped_env(group_size=2)
+    sb3.reset()
+    assert [i["group"] for i in sb3.unwrapped.reset_infos] == [0, 0, 1, 1, 2, 2, 3, 3]
+    for _ in range(LENGTH):
+        _, _, dones, infos = sb3.step(np.zeros(ENVS, dtype=np.int64))
+    assert dones.all() and [(i["group"], i["group_episode"]) for i in infos[:3]] == [(0, 0), (0, 0), (1, 0)]
+    assert "group" not in make_textgen_vec_env(2, seed=0).unwrapped.starter.info(0)  # groups of one: no keys

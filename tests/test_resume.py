@@ -75,11 +75,23 @@ SETTINGS = {
             ref_kl_estimator="k3",
         ),
     ),
+    # a critic-free group estimator, with veRL's loss settings
+    "grpo": (
+        VetoFifth,
+        "SLMLstmPolicy",
+        dict(
+            COMMON,
+            policy_kwargs=dict(lstm_hidden_size=16, n_lstm_layers=1, embedding_dim=8),
+            advantage_estimator="grpo",
+            loss_agg_mode="seq-mean-token-mean",
+            clip_range_high=0.28,
+        ),
+    ),
 }
 
 
 def env(n_envs: int = N_ENVS, **kwargs):
-    return make_textgen_vec_env(n_envs, seed=0, **ENV, **kwargs)
+    return make_textgen_vec_env(n_envs, seed=0, group_size=2, **ENV, **kwargs)  # one group, for "grpo"
 
 
 def make(kind: str, **overrides):
@@ -131,7 +143,7 @@ def uninterrupted(request, tmp_path_factory):
     model = make(kind)
     model.learn(2 * N * ROLLOUT, callback=SaveAt(N * ROLLOUT, path))
     assert model.ent_coef != COMMON["ent_coef"] and len(model.verification_log) == 2 * N
-    if kind in ("recurrent", "reference-kl"):
+    if kind in ("recurrent", "reference-kl", "grpo"):
         assert model.verification_log[4]["rolled_back"]
     if kind == "reference-kl":
         assert model.kl_ctrl.value != 0.1
