@@ -322,3 +322,43 @@ def test_groups_sharing_the_empty_prompt_carry_group_keys_in_both_vector_forms()
         _, _, dones, infos = sb3.step(np.zeros(ENVS, dtype=np.int64))
     assert dones.all() and [(i["group"], i["group_episode"]) for i in infos[:3]] == [(0, 0), (0, 0), (1, 0)]
     assert "group" not in make_textgen_vec_env(2, seed=0).unwrapped.starter.info(0)  # groups of one: no keys
+
+
+def test_a_clip_range_high_schedule_and_the_loss_scale_factor_are_checked():
+    with pytest.raises(ValueError, match=r"clip_range_high \(at progress 0\): expected a number in \(0.0, inf\]"):
+        model_of(VerifiedPPO, "SLMTransformerPolicy", TRANSFORMER, "grpo", clip_range_high=lambda progress: progress)
+    with pytest.raises(ValueError, match="loss_scale_factor: expected a number in"):
+        model_of(VerifiedPPO, "SLMTransformerPolicy", TRANSFORMER, "grpo", loss_scale_factor=float("inf"))
+    model = model_of(VerifiedPPO, "SLMTransformerPolicy", TRANSFORMER, "grpo", clip_range_high=lambda p: 0.1 + p)
+    assert model.clip_range_high(0.5) == pytest.approx(0.6)
+
+
+def test_the_critic_warmup_refuses_a_critic_free_model():
+    from verl_sb3 import CriticWarmupCallback
+
+    model = model_of(VerifiedPPO, "SLMTransformerPolicy", TRANSFORMER, "rloo")
+    with pytest.raises(ValueError, match="CriticWarmupCallback: advantage_estimator 'rloo' trains no critic"):
+        model.learn(LENGTH * ENVS, callback=CriticWarmupCallback(2))
+    model.learn(LENGTH * ENVS, callback=CriticWarmupCallback(0))
+
+
+def test_equal_outcomes_give_advantages_of_exactly_zero():
+    from verl_sb3 import advantages as A
+
+    episodes = A.RolloutEpisodes(np.arange(3), np.ones(3, bool), np.ones(3, bool), np.ones(3, int), np.zeros(3, int))
+    for estimator in GROUP_ESTIMATORS:
+        assert A.group_advantages(estimator, np.full(3, 0.1), episodes).advantages.tolist() == [0.0] * 3
+
+
+def test_a_group_estimator_starts_each_rollout_with_the_groups_together():
+    env = make_textgen_vec_env(ENVS, seed=0, group_size=GROUP, **task_kwargs("TextGen-Reverse-v0", length=2))
+    model = VerifiedRecurrentPPO("SLMLstmPolicy", env, advantage_estimator="rloo", n_steps=9, batch_size=24, seed=0)
+    excluded = []
+    for _ in range(4):  # 9 steps against episodes of about 3 to 6: episodes run over every rollout's end
+        model.learn(9 * ENVS, reset_num_timesteps=False)
+        buffer = model.rollout_buffer
+        starts = buffer.episode_starts if not buffer.generator_ready else buffer.episode_starts.reshape(ENVS, 9).T
+        assert starts[0].all()  # every environment begins a fresh episode with the rollout
+        assert buffer.episodes.began[buffer.episodes.episode[::9]].all()
+        excluded.append(float((~buffer.estimate.included).mean()))
+    assert max(excluded) < 0.25  # only the episodes still running at the end of the rollout are left out

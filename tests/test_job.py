@@ -277,3 +277,39 @@ def test_resume_refuses_a_folder_without_a_run_or_with_changed_settings(uninterr
         "--resume: the run goes on with its own settings (its config.yaml); leave out ['--seed']"
         in capsys.readouterr().err
     )
+
+
+def test_a_job_written_before_the_added_settings_resumes_as_it_was_configured(tmp_path, monkeypatch):
+    from verl_sb3.app import training
+    from verl_sb3.app.config import ADDED_SETTINGS
+    from verl_sb3.app.job import JOB_STATE_ENTRY
+
+    folder = tmp_path / "old"
+    train(config(folder, total_timesteps=1_920))
+    checkpoint = folder / "model_checkpoints" / "model_960_steps.zip"
+    # as an earlier version wrote it: none of the settings added since, in config.yaml or the checkpoint
+    settings = {
+        k: v for k, v in yaml.safe_load((folder / "config.yaml").read_text()).items() if k not in ADDED_SETTINGS
+    }
+    (folder / "config.yaml").write_text(yaml.safe_dump(settings))
+    with zipfile.ZipFile(checkpoint) as archive:
+        entries = {item.filename: archive.read(item.filename) for item in archive.infolist()}
+    state = json.loads(entries[JOB_STATE_ENTRY])
+    state["config"] = {k: v for k, v in state["config"].items() if k not in ADDED_SETTINGS}
+    entries[JOB_STATE_ENTRY] = json.dumps(state).encode()
+    with zipfile.ZipFile(checkpoint, "w") as archive:
+        for name, content in entries.items():
+            archive.writestr(name, content)
+    for path in [*folder.glob("model_checkpoints/model_1*"), folder / "model_checkpoints" / "final_model.zip"]:
+        path.unlink()  # resume from the first checkpoint
+    seen = {}
+    original = training._run
+
+    def run(cfg, *args, **kwargs):
+        seen["config"] = cfg
+        return original(cfg, *args, **kwargs)
+
+    monkeypatch.setattr(training, "_run", run)
+    resume(folder)
+    assert {name: getattr(seen["config"], name) for name in ADDED_SETTINGS} == ADDED_SETTINGS
+    assert TrainConfig().stop_on_targets  # today's default differs: the old job does not stop early

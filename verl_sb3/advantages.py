@@ -110,7 +110,8 @@ def group_advantages(
             filtered += 1
             group[index] = -1
             continue
-        advantage[index] = _group_advantage(estimator, scores)
+        if not uniform:  # equal outcomes: exactly 0 (the mean's rounding would leave +-1e-11)
+            advantage[index] = _group_advantage(estimator, scores)
     per_sample = advantage[episodes.episode]
     included = (group >= 0)[episodes.episode]
     per_sample[~included] = 0.0
@@ -153,7 +154,9 @@ def loss_weights(mode: str, included: np.ndarray, episodes: RolloutEpisodes, sca
     """Per sample, its weight in the rollout's loss ``sum(weight * per_sample_loss)`` (veRL's ``agg_loss``
     over the whole rollout, episodes as its sequences): ``token-mean`` 1 / included samples;
     ``seq-mean-token-sum`` 1 / included episodes; ``seq-mean-token-mean`` 1 / (included episodes x the
-    episode's samples); ``seq-mean-token-sum-norm`` 1 / (included episodes x ``scale``). Excluded: 0."""
+    episode's samples); ``seq-mean-token-sum-norm`` 1 / (included episodes x ``scale``): each episode's
+    token sum over a constant, averaged (Dr. GRPO's; veRL sums its micro-batch's instead, a constant
+    factor more). Excluded: 0."""
     if mode not in LOSS_AGG_MODES:
         raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES}, got {mode!r}")
     weights = np.zeros(len(included))

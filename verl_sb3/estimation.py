@@ -21,6 +21,9 @@
 - ``filter_groups``: leave groups whose outcomes are all equal out of the loss (DAPO's dynamic
   sampling, without resampling: the rollout keeps its size).
 
+A group estimator starts each rollout from freshly reset environments when an episode is still
+running at its start (see :meth:`AdvantageEstimationMixin.collect_rollouts`).
+
 The logger gets the rollout's ``verl/groups``, ``verl/zero_variance_groups``,
 ``verl/filtered_groups`` and ``verl/excluded_samples`` (samples left out of the loss); an
 update with no sample left (every group filtered) is skipped (``verl/skipped_update``).
@@ -79,9 +82,12 @@ class AdvantageEstimationMixin:
                 f"filter_groups: drops groups of equal outcomes, for a group estimator {GROUP_ESTIMATORS}; "
                 f"advantage_estimator is {self.advantage_estimator!r}"
             )
-        optional_number("loss_scale_factor", self.loss_scale_factor, 0.0, open_low=True)
+        optional_number("loss_scale_factor", self.loss_scale_factor, 0.0, open_low=True, open_high=True)
         high = self.clip_range_high
-        if high is not None and not isinstance(high, FloatSchedule) and not callable(high):
+        if callable(high):  # a schedule (a loaded model's FloatSchedule too): its values at both ends
+            for progress in (1.0, 0.0):
+                require_number(f"clip_range_high (at progress {progress:g})", high(progress), 0.0, open_low=True)
+        elif high is not None:
             require_number("clip_range_high", high, 0.0, open_low=True)
 
     def _setup_model(self) -> None:
@@ -119,6 +125,15 @@ class AdvantageEstimationMixin:
         if self.advantage_estimator in GROUP_ESTIMATORS:
             self._check_groups(env)
         super().set_env(env, force_reset)
+
+    def collect_rollouts(self, env: Any, callback: Any, rollout_buffer: Any, n_rollout_steps: int) -> bool:
+        """The parent's collection; a group estimator's starts from freshly reset environments when an
+        episode is still running (it is left out of the loss anyway), so that the members of a group,
+        which end their episodes at their own pace, answer their prompts together again."""
+        if self.advantage_estimator in GROUP_ESTIMATORS and not np.all(self._last_episode_starts):
+            self._last_obs = env.reset()
+            self._last_episode_starts = np.ones((env.num_envs,), dtype=bool)
+        return super().collect_rollouts(env, callback, rollout_buffer, n_rollout_steps)
 
     def _update_info_buffer(self, infos: list[dict[str, Any]], dones: np.ndarray | None = None) -> None:
         """SB3's episode statistics; and where episodes end, with their groups, for the buffer."""

@@ -42,6 +42,8 @@ def normalized_advantages(advantages: th.Tensor, mask: th.Tensor | None) -> th.T
         if len(advantages) <= 1:  # SB3: normalisation makes no sense for a minibatch of one
             return advantages
         return (advantages - advantages.mean()) / (advantages.std() + 1e-8)
+    if int(mask.sum()) <= 1:
+        return advantages
     return (advantages - advantages[mask].mean()) / (advantages[mask].std() + 1e-8)
 
 
@@ -93,8 +95,18 @@ class PPOUpdateMixin:
             return masked_mean(values, mask)
         rows = buffer.minibatch_rows(weights)
         if mask is not None:
-            values, rows = values[mask], rows[mask]
-        return (values * rows).sum() * (weights.size / max(len(rows), 1))
+            rows = rows[mask]
+        kept = rows > 0  # the samples left out weigh nothing, whatever their values (even NaN)
+        values = values if mask is None else values[mask]
+        return (values[kept] * rows[kept]).sum() * (weights.size / max(len(rows), 1))
+
+    def _loss_rows(self, mask: th.Tensor | None) -> th.Tensor | None:
+        """The minibatch's rows in the loss: its real samples, without those the buffer leaves out (weight 0)."""
+        weights = getattr(self.rollout_buffer, "sample_weights", None)
+        if weights is None:
+            return mask
+        kept = self.rollout_buffer.minibatch_rows(weights) > 0
+        return kept if mask is None else kept & mask
 
     @property
     def trains_critic(self) -> bool:
@@ -167,7 +179,7 @@ class PPOUpdateMixin:
             log_prob, entropy = kind.evaluate_actor_minibatch(self.policy, rollout_data, actions)
         advantages = rollout_data.advantages
         if self.normalize_advantage:
-            advantages = normalized_advantages(advantages, mask)
+            advantages = normalized_advantages(advantages, self._loss_rows(mask))
 
         policy_loss, clip_fraction = self._policy_loss(log_prob, rollout_data.old_log_prob, advantages, clips, mask)
         entropy_loss = -self._loss_mean(-log_prob if entropy is None else entropy, mask)

@@ -80,6 +80,14 @@ class CriticWarmupCallback(BaseCallback):
     def warmup_timesteps(self) -> int:
         return self.updates * self.model.n_steps * self.model.n_envs
 
+    def _on_training_start(self) -> None:
+        estimator = getattr(self.model, "advantage_estimator", "gae")
+        if self.updates and estimator != "gae":
+            raise ValueError(
+                f"CriticWarmupCallback: advantage_estimator {estimator!r} trains no critic, so there is nothing to "
+                "warm up; use CriticWarmupCallback(0) or leave it out"
+            )
+
     def _set_actor_trainable(self, trainable: bool) -> None:
         for parameter in actor_parameters(self.model.policy):
             parameter.requires_grad_(trainable)

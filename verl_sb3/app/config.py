@@ -64,6 +64,18 @@ TASK_DEFAULTS: dict[str, Any] = {
 }
 
 
+#: Settings added after jobs were first written, with the values that reproduce what a job written
+#: before them did (a resumed job's checkpoint without them takes these, not today's defaults).
+ADDED_SETTINGS: dict[str, Any] = {
+    "advantage_estimator": "gae",
+    "loss_agg_mode": "token-mean",
+    "clip_range_high": None,
+    "filter_groups": False,
+    "group_size": 1,
+    "stop_on_targets": False,
+}
+
+
 @dataclass
 class TrainConfig:
     """Everything the training run uses; the defaults are the default run (see the README).

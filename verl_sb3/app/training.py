@@ -9,6 +9,7 @@ resumed from; a second one stops it at once.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import signal
 import sys
@@ -26,7 +27,7 @@ from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import configure
 
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
-from verl_sb3.app.config import TrainConfig
+from verl_sb3.app.config import ADDED_SETTINGS, TrainConfig
 from verl_sb3.app.dashboard import plot_dashboard
 from verl_sb3.app.files import replace_text
 from verl_sb3.app.job import JOB_STATE_ENTRY, JobError, newest_checkpoint, owned_folder
@@ -117,8 +118,9 @@ def resume(
         checkpoint = newest_checkpoint(output)
         with zipfile.ZipFile(checkpoint) as archive:
             state = json.loads(archive.read(JOB_STATE_ENTRY))
-        saved = state["config"]  # settings added since the checkpoint was written are not in it
-        changed = sorted(k for k, v in config.as_dict().items() if k != "progress_bar" and k in saved and saved[k] != v)
+        saved = state["config"]  # settings added since the checkpoint was written are not in it:
+        config = dataclasses.replace(config, **{k: v for k, v in ADDED_SETTINGS.items() if k not in saved})
+        changed = sorted(k for k, v in config.as_dict().items() if k != "progress_bar" and saved.get(k, v) != v)
         if changed:
             raise JobError(f"--resume {str(output)!r}: config.yaml changed since {checkpoint.name}: {changed}")
         th.set_num_threads(config.threads)
