@@ -48,12 +48,14 @@ class SampleIndices:
     episodes: A.RolloutEpisodes | None = None
     estimate: A.EstimatedAdvantages | None = None
     sample_weights: np.ndarray | None = None
+    #: ``sample_weights`` laid out as the minibatch last returned (None without weights)
+    minibatch_weights: th.Tensor | None = None
 
     def reset(self) -> None:
         super().reset()
         self.episode_ends = np.zeros((self.buffer_size, self.n_envs), dtype=bool)
         self.group_keys = np.full((self.buffer_size, self.n_envs, 2), -1, dtype=np.int64)
-        self.episodes = self.estimate = self.sample_weights = None
+        self.episodes = self.estimate = self.sample_weights = self.minibatch_weights = None
 
     def record_episode_ends(self, infos: list[dict[str, Any]], dones: np.ndarray) -> None:
         """Note the episodes that the step about to be added ends, and their groups (from the last
@@ -77,9 +79,7 @@ class SampleIndices:
             super().compute_returns_and_advantage(last_values, dones)
         if not settings.weighted:
             return
-        ends = self.episode_ends.copy()
-        ends[-1] |= np.asarray(dones, dtype=bool)
-        self.episodes = A.rollout_episodes(self.episode_starts, ends, self.group_keys)
+        self.episodes = A.rollout_episodes(self.episode_starts, self.episode_ends, self.group_keys)
         included = np.ones(self.buffer_size * self.n_envs, dtype=bool)
         if settings.estimator != "gae":
             rewards = self.rewards.T.reshape(-1)
@@ -97,6 +97,8 @@ class SampleIndices:
     def _get_samples(self, batch_inds: np.ndarray, *args: Any, **kwargs: Any) -> Any:
         samples = super()._get_samples(batch_inds, *args, **kwargs)
         self.sample_indices = batch_inds
+        if self.sample_weights is not None:  # once per minibatch, for every term of its loss
+            self.minibatch_weights = self.minibatch_rows(self.sample_weights)
         return samples
 
     def minibatch_rows(self, values: np.ndarray) -> th.Tensor:

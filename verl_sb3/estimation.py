@@ -10,8 +10,9 @@
   ``group_size``); an environment without them is refused with a ValueError. Without GAE no
   critic is trained: the minibatches evaluate only the actor, there is no value loss
   (``vf_coef`` is unused), and the value head keeps its initial weights (SB3 still computes its
-  values while collecting; they are stored in the buffer and used nowhere). The advantages are
-  not normalised again per minibatch unless ``normalize_advantage=True`` is given.
+  values while collecting and stores them; only its bootstrap of an episode cut by a time limit
+  reads them). The advantages are not normalised again per minibatch unless
+  ``normalize_advantage=True`` is given.
 - ``loss_agg_mode``: veRL's ``token-mean`` (SB3's mean; the default), ``seq-mean-token-sum``,
   ``seq-mean-token-mean``, ``seq-mean-token-sum-norm`` (episodes are the sequences; the norm
   mode divides by ``loss_scale_factor``, default ``n_steps``, the longest an episode can be in a
@@ -41,6 +42,34 @@ from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, LOSS_AGG
 from verl_sb3.buffers import AdvantageSettings, SampleIndices, indexed_twin
 
 
+def check_advantage_settings(
+    advantage_estimator: Any,
+    loss_agg_mode: Any,
+    clip_range_high: Any = None,
+    filter_groups: Any = False,
+    loss_scale_factor: Any = None,
+) -> None:
+    """A ValueError naming the advantage-estimation setting that is not one of its values (for a
+    model, a loaded one and the training job's configuration alike)."""
+    if advantage_estimator not in ADVANTAGE_ESTIMATORS:
+        raise ValueError(f"advantage_estimator: expected one of {ADVANTAGE_ESTIMATORS}, got {advantage_estimator!r}")
+    if loss_agg_mode not in LOSS_AGG_MODES:
+        raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES}, got {loss_agg_mode!r}")
+    if not isinstance(filter_groups, bool):
+        raise ValueError(f"filter_groups: expected True or False, got {filter_groups!r}")
+    if filter_groups and advantage_estimator not in GROUP_ESTIMATORS:
+        raise ValueError(
+            f"filter_groups: drops groups of equal outcomes, for a group estimator {GROUP_ESTIMATORS}; "
+            f"advantage_estimator is {advantage_estimator!r}"
+        )
+    optional_number("loss_scale_factor", loss_scale_factor, 0.0, open_low=True, open_high=True)
+    if callable(clip_range_high):  # a schedule (a loaded model's FloatSchedule too): its values at both ends
+        for progress in (1.0, 0.0):
+            require_number(f"clip_range_high (at progress {progress:g})", clip_range_high(progress), 0.0, open_low=True)
+    elif clip_range_high is not None:
+        require_number("clip_range_high", clip_range_high, 0.0, open_low=True)
+
+
 class AdvantageEstimationMixin:
     """``advantage_estimator``, ``loss_agg_mode``, ``clip_range_high``, ``filter_groups`` and
     ``loss_scale_factor`` for PPO's update (see the module); put it before ``PPOUpdateMixin``."""
@@ -68,27 +97,13 @@ class AdvantageEstimationMixin:
         super().__init__(policy, env, *args, **kwargs)
 
     def _check_advantage_settings(self) -> None:
-        """A ValueError naming the setting that is not one of its values (also for a loaded model)."""
-        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-            raise ValueError(
-                f"advantage_estimator: expected one of {ADVANTAGE_ESTIMATORS}, got {self.advantage_estimator!r}"
-            )
-        if self.loss_agg_mode not in LOSS_AGG_MODES:
-            raise ValueError(f"loss_agg_mode: expected one of {LOSS_AGG_MODES}, got {self.loss_agg_mode!r}")
-        if not isinstance(self.filter_groups, bool):
-            raise ValueError(f"filter_groups: expected True or False, got {self.filter_groups!r}")
-        if self.filter_groups and self.advantage_estimator not in GROUP_ESTIMATORS:
-            raise ValueError(
-                f"filter_groups: drops groups of equal outcomes, for a group estimator {GROUP_ESTIMATORS}; "
-                f"advantage_estimator is {self.advantage_estimator!r}"
-            )
-        optional_number("loss_scale_factor", self.loss_scale_factor, 0.0, open_low=True, open_high=True)
-        high = self.clip_range_high
-        if callable(high):  # a schedule (a loaded model's FloatSchedule too): its values at both ends
-            for progress in (1.0, 0.0):
-                require_number(f"clip_range_high (at progress {progress:g})", high(progress), 0.0, open_low=True)
-        elif high is not None:
-            require_number("clip_range_high", high, 0.0, open_low=True)
+        check_advantage_settings(
+            self.advantage_estimator,
+            self.loss_agg_mode,
+            self.clip_range_high,
+            self.filter_groups,
+            self.loss_scale_factor,
+        )
 
     def _setup_model(self) -> None:
         self._check_advantage_settings()

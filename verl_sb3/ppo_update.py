@@ -93,7 +93,7 @@ class PPOUpdateMixin:
         weights = getattr(buffer, "sample_weights", None)
         if weights is None:
             return masked_mean(values, mask)
-        rows = buffer.minibatch_rows(weights)
+        rows = buffer.minibatch_weights
         if mask is not None:
             rows = rows[mask]
         kept = rows > 0  # the samples left out weigh nothing, whatever their values (even NaN)
@@ -102,10 +102,9 @@ class PPOUpdateMixin:
 
     def _loss_rows(self, mask: th.Tensor | None) -> th.Tensor | None:
         """The minibatch's rows in the loss: its real samples, without those the buffer leaves out (weight 0)."""
-        weights = getattr(self.rollout_buffer, "sample_weights", None)
-        if weights is None:
+        if getattr(self.rollout_buffer, "sample_weights", None) is None:
             return mask
-        kept = self.rollout_buffer.minibatch_rows(weights) > 0
+        kept = self.rollout_buffer.minibatch_weights > 0
         return kept if mask is None else kept & mask
 
     @property

@@ -19,7 +19,8 @@ except ImportError:  # older releases: the same schedule as a closure
     from stable_baselines3.common.utils import get_linear_fn as LinearSchedule
 
 from textenv_gym.dynamics import TextGenConfig
-from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS, LOSS_AGG_MODES
+from verl_sb3.advantages import GROUP_ESTIMATORS
+from verl_sb3.estimation import check_advantage_settings
 from verl_sb3.verification.config import DEFAULT_KL_THRESHOLD
 
 
@@ -330,16 +331,11 @@ class TrainConfig:
 
 
 def _check_estimator_settings(config: TrainConfig) -> None:
-    """A ValueError naming the advantage-estimation setting of ``config`` that does not fit."""
-    if config.advantage_estimator not in ADVANTAGE_ESTIMATORS:
-        raise ValueError(
-            f"advantage_estimator: expected one of {list(ADVANTAGE_ESTIMATORS)}, got {config.advantage_estimator!r}"
-        )
-    if config.loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(f"loss_agg_mode: expected one of {list(LOSS_AGG_MODES)}, got {config.loss_agg_mode!r}")
-    high = config.clip_range_high
-    if high is not None and (isinstance(high, bool) or not isinstance(high, (int, float)) or not high > 0):
-        raise ValueError(f"clip_range_high: expected a number > 0 or null, got {high!r}")
+    """A ValueError naming the advantage-estimation setting of ``config`` that does not fit: the
+    model's own checks, and how they go with the job's critic warm-up and environments."""
+    check_advantage_settings(
+        config.advantage_estimator, config.loss_agg_mode, config.clip_range_high, config.filter_groups
+    )
     if config.advantage_estimator != "gae" and config.critic_warmup:
         raise ValueError(
             f"critic_warmup: advantage_estimator {config.advantage_estimator!r} trains no critic; "
