@@ -4,12 +4,15 @@
     python benchmarks/tasks.py --quick         # smoke test: tiny runs (about a minute)
     python benchmarks/tasks.py --tasks TextGen-Reverse-v0 --runs verified
     python benchmarks/tasks.py --runs verified grpo dr_grpo rloo reinforce_plus_plus   # the estimators
+    python benchmarks/tasks.py --runs verified warm_start --timesteps 100000  # RL against warm start + RL
 
 Each run trains the training job's model for the task (``TrainConfig.for_task``: ``VerifiedRecurrentPPO``
 + ``SLMLstmPolicy`` with the task defaults; ``unverified``: sb3-contrib's ``RecurrentPPO`` with the same
 policy and settings, the baseline measured in the same run; ``grpo``, ``dr_grpo``, ``rloo``,
 ``reinforce_plus_plus``: the verified model with that ``advantage_estimator``, the group ones on
-groups of ``--group-size`` environments answering the same prompts) for ``--timesteps`` steps or
+groups of ``--group-size`` environments answering the same prompts; ``warm_start``: the verified
+model after a supervised warm start on ``--warm-start-share`` of the train split, whose seconds
+count as training, with the same RL steps) for ``--timesteps`` steps or
 ``--seconds`` of training, whichever comes first, on the task's train split at its default
 difficulty. Every ``--eval-every`` steps it answers every prompt of the test split ``--k`` times
 (``verl_sb3.task_evaluation.evaluate_task``): pass@1 is the share of exact answers. Training time
@@ -32,6 +35,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_DIR = REPO_ROOT / "benchmarks" / "output"
 TASKS = ("TextGen-Reverse-v0", "TextGen-Arithmetic-v0")
 RUNS = ("verified", "unverified")
+#: ``warm_start``: the verified run after a supervised warm start on a share of the train split.
+OTHER_RUNS = ("warm_start",)
 ESTIMATOR_RUNS = ("grpo", "dr_grpo", "rloo", "reinforce_plus_plus")
 LEVELS = (0.5, 0.9, 0.99)
 
@@ -46,7 +51,18 @@ def build(env_id: str, run: str, args: argparse.Namespace) -> Any:
     settings: dict[str, Any] = {"n_envs": 16} if args.quick else {}
     if run in ESTIMATOR_RUNS:
         settings.update(advantage_estimator=run, group_size=args.group_size if run != "reinforce_plus_plus" else 1)
+    if run == "warm_start":
+        settings.update(warm_start_share=args.warm_start_share, warm_start_epochs=args.warm_start_epochs)
     config = TrainConfig.for_task(env_id, seed=args.seed, **settings)
+    if run == "warm_start":
+        import tempfile
+
+        from verl_sb3.app.warm_start import run_warm_start
+
+        model = build_model(config)
+        with tempfile.TemporaryDirectory() as folder:
+            run_warm_start(model, config, Path(folder))
+        return model
     if run == "verified" or run in ESTIMATOR_RUNS:
         return build_model(config)
     return record_environment(RecurrentPPO(SLMLstmPolicy, build_env(config), **config.ppo_kwargs()), config)
@@ -57,9 +73,11 @@ def train_and_measure(env_id: str, run: str, args: argparse.Namespace) -> dict[s
 
     from verl_sb3.task_evaluation import evaluate_task, task_prompts
 
+    start = time.perf_counter()
     model = build(env_id, run, args)
     points: list[dict[str, float]] = []
-    clock = {"train": 0.0, "since": time.perf_counter()}
+    # a warm start's seconds count as training: it is part of the run's budget
+    clock = {"train": time.perf_counter() - start if run == "warm_start" else 0.0, "since": time.perf_counter()}
 
     def evaluate() -> None:
         clock["train"] += time.perf_counter() - clock["since"]
@@ -149,7 +167,9 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
-    parser.add_argument("--runs", nargs="+", choices=RUNS + ESTIMATOR_RUNS, default=list(RUNS))
+    parser.add_argument("--runs", nargs="+", choices=RUNS + ESTIMATOR_RUNS + OTHER_RUNS, default=list(RUNS))
+    parser.add_argument("--warm-start-share", type=float, default=0.1, help="warm_start: share of the train split")
+    parser.add_argument("--warm-start-epochs", type=int, default=20, help="warm_start: passes over its records")
     parser.add_argument("--group-size", type=int, default=8, help="environments per group (default 8)")
     parser.add_argument("--timesteps", type=int, default=400_000, help="steps per run at most (default 400,000)")
     parser.add_argument("--seconds", type=float, default=600.0, help="training seconds per run at most (default 600)")

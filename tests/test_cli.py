@@ -328,3 +328,29 @@ def test_threads_is_an_option_and_yaml_reads_exponents_as_numbers(tmp_path):
     config.write_text("total_timesteps: 1e6\n")  # a float is not silently made an integer
     with pytest.raises(ValueError, match="total_timesteps: expected an integer >= 1, got 1000000.0"):
         train_config(build_parser().parse_args(["train", "--config", str(config)]))
+
+
+def test_sft_is_train_with_a_warm_start_unless_its_share_is_set(tmp_path, capsys):
+    parse = lambda *argv: train_config(build_parser().parse_args(["sft", *argv]))  # noqa: E731
+    assert parse("--env", "TextGen-Reverse-v0").warm_start_share == 0.1
+    assert parse("--env", "TextGen-Reverse-v0", "--warm-start-share", "0").warm_start_share == 0.0
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"env_id": "TextGen-Reverse-v0", "warm_start_share": 0.0}))
+    assert parse("--config", str(config)).warm_start_share == 0.0  # the file says none: none
+    config.write_text(yaml.safe_dump({"env_id": "TextGen-Reverse-v0", "warm_start_epochs": 2}))
+    assert parse("--config", str(config)).warm_start_share == 0.1
+    assert train_config(build_parser().parse_args(["train", "--env", "TextGen-Reverse-v0"])).warm_start_share == 0.0
+    assert main(["sft", "--output-dir", str(tmp_path / "out")]) == 2
+    assert "--env: sft fits a task's (prompt, answer) records" in capsys.readouterr().err
+
+
+def test_sft_writes_its_warm_start_figures(tmp_path, capsys):
+    out = tmp_path / "job"
+    argv = ["sft", "--env", "TextGen-Reverse-v0", "--env-kwargs", "{length: 2}", "--total-timesteps", "1024"]
+    main([*argv, "--warm-start-epochs", "3", "--output-dir", str(out), "--no-progress-bar", "--threads", "1"])
+    figures = json.loads((out / "warm_start.json").read_text())
+    assert figures["records"] >= 1 and figures["epochs"] == 3 and len(figures["epoch_losses"]) == 3
+    assert figures["answer_loss_after"] < figures["answer_loss_before"]
+    printed = capsys.readouterr().out
+    assert re.search(r"^warm start: \d+ records \(\d+ answer tokens\), answer loss [\d.]+ -> [\d.]+", printed, re.M)
+    assert f"warm start       {out / 'warm_start.json'}" in printed

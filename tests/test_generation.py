@@ -229,3 +229,13 @@ def test_optimal_return_errors():
         optimal_return(TextGenConfig(), length=21)
     with pytest.raises(ValueError, match="unknown words"):
         optimal_return(TextGenConfig(), "zebra")
+
+
+def test_a_prompt_given_to_a_task_model_is_not_scored():
+    from textenv_gym.sb3_vec_env import make_textgen_vec_env
+    from textenv_gym.tasks import task_kwargs
+
+    kwargs = task_kwargs("TextGen-Reverse-v0", length=2)
+    model = VerifiedRecurrentPPO("SLMLstmPolicy", make_textgen_vec_env(4, **kwargs), n_steps=6, batch_size=24)
+    generation = generate(model, prompt="a c =", seed=0)  # no reference answer: its compute_score is not called
+    assert generation.prompt == model.get_env().config.tokenizer.encode("a c =") and len(generation.texts) == 1

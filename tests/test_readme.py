@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch as th
 
 from verl_sb3.checkpoints import UntrustedCheckpointError, load_checkpoint, save_checkpoint
 
@@ -56,6 +57,7 @@ def test_every_readme_snippet_is_run_by_a_test():
         "max_reuse_rise=3.0",
         "EntropyDropJudge",
         "advantage_estimator=",
+        '"HFCausalLMPolicy"',
     )
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
@@ -157,3 +159,17 @@ def test_readme_group_algorithms_snippet_runs(capsys):
     assert grpo.logger.name_to_value["train/ref_kl_loss"] >= 0 and grpo.verification_log
     groups, passed = capsys.readouterr().out.split()
     assert int(groups) >= 4 and passed == "True"
+
+
+def test_readme_hugging_face_snippet_runs(tmp_path, monkeypatch, capsys):
+    pytest.importorskip("transformers")
+    monkeypatch.chdir(tmp_path)
+    namespace = run(block_with('"HFCausalLMPolicy"'))
+    model, loaded = namespace["model"], namespace["loaded"]
+    assert namespace["warm"].loss_after < namespace["warm"].loss_before
+    assert len(model.verification_log) == 4
+    obs = th.as_tensor(model.get_env().reset())
+    with th.no_grad():
+        same = th.equal(model.policy.get_distribution(obs).distribution.logits,
+                        loaded.policy.get_distribution(obs).distribution.logits)  # fmt: skip
+    assert same and capsys.readouterr().out.startswith("answer loss ")

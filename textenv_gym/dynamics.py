@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from textenv_gym.hf_tokenizer import HFTokenizer
 from textenv_gym.prompts import NO_PROMPT, PromptRecord, PromptSource
 from textenv_gym.scoring import ComputeScore, require_compute_score, score_answer
 from textenv_gym.vocabulary import Tokenizer, default_vocabulary
@@ -118,7 +119,10 @@ class TextGenConfig:
     eos_token: str | int | None = None
     compute_score: ComputeScore | None = field(default=None, hash=False)
     prompts: Any = field(default=None, hash=False, repr=False)
-    tokenizer: Tokenizer = field(init=False, repr=False, compare=False)
+    #: given: None, or a Hugging Face tokenizer (:mod:`textenv_gym.hf_tokenizer`); after
+    #: validation: the tokenizer in use (:class:`Tokenizer` or :class:`~textenv_gym.hf_tokenizer.HFTokenizer`)
+    tokenizer: Any = field(default=None, hash=False, repr=False, compare=False)
+    tokenizer_source: Any = field(init=False, repr=False, compare=False)
     forbidden_mask: np.ndarray = field(init=False, repr=False, compare=False)
     eos_id: int | None = field(init=False, repr=False, compare=False)
     prompt_source: PromptSource | None = field(init=False, repr=False, compare=False)
@@ -126,7 +130,16 @@ class TextGenConfig:
     def __post_init__(self) -> None:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731 (frozen)
         vocab_size = self.vocab_size
-        if self.vocabulary is not None:
+        given = self.tokenizer
+        if isinstance(given, HFTokenizer) and self.vocabulary == given.vocabulary:
+            set_("vocabulary", None)  # a copy of a configuration (dataclasses.replace): the tokenizer in use
+        given = None if isinstance(given, Tokenizer) else given  # the copy of a configuration without one
+        set_("tokenizer_source", given.source if isinstance(given, HFTokenizer) else given)
+        if given is not None:
+            tokenizer = _hf_tokenizer(given, self.vocabulary, vocab_size)
+            set_("tokenizer", tokenizer)
+            vocab_size = len(tokenizer)
+        elif self.vocabulary is not None:
             if isinstance(self.vocabulary, str):
                 raise ValueError("vocabulary: expected a list of token strings, got one str")
             if len(self.vocabulary) < 2:
@@ -157,8 +170,9 @@ class TextGenConfig:
         mask.setflags(write=False)
         set_("forbidden_tokens", tuple(sorted(set(forbidden.tolist()))))
         set_("forbidden_mask", mask)
-        vocabulary = default_vocabulary(vocab_size) if self.vocabulary is None else self.vocabulary
-        set_("tokenizer", Tokenizer(vocabulary))
+        if self.tokenizer_source is None:
+            vocabulary = default_vocabulary(vocab_size) if self.vocabulary is None else self.vocabulary
+            set_("tokenizer", Tokenizer(vocabulary))
         set_("vocabulary", self.tokenizer.vocabulary)
         set_("eos_id", self._eos_id())
         set_("compute_score", require_compute_score(self.compute_score))
@@ -170,7 +184,12 @@ class TextGenConfig:
     def _eos_id(self) -> int | None:
         token = self.eos_token
         if token is None:
-            return None
+            return getattr(self.tokenizer, "eos_id", None)  # a Hugging Face tokenizer's end of sequence
+        if isinstance(token, str) and self.tokenizer_source is not None:
+            index = self.tokenizer.token_id(token)
+            if index is None:
+                raise ValueError(f"eos_token: expected one token of the tokenizer or a token id, got {token!r}")
+            return index
         if isinstance(token, str):
             words = token.split()
             if len(words) != 1 or words[0].lower() not in (word.lower() for word in self.tokenizer.vocabulary):
@@ -207,12 +226,13 @@ class TextGenConfig:
             "repetition_window": self.repetition_window,
             "forbidden_tokens": list(self.forbidden_tokens),
             "forbidden_penalty": self.forbidden_penalty,
-            "vocabulary": list(self.vocabulary),
+            "vocabulary": None if self.tokenizer_source is not None else list(self.vocabulary),
             "reward_weights": None if self.reward_weights is None else dict(self.reward_weights),
             "reward_fns": None if self.reward_fns is None else dict(self.reward_fns),
             "eos_token": self.eos_token,
             "compute_score": self.compute_score,
             "prompts": self.prompts,
+            "tokenizer": self.tokenizer_source,
         }
 
     def encode_prompt(self, prompt: Any) -> np.ndarray:
@@ -228,6 +248,19 @@ class TextGenConfig:
                 "are allowed (the episode needs room for at least one action)"
             )
         return np.asarray(ids, dtype=np.int64)
+
+
+def _hf_tokenizer(tokenizer: Any, vocabulary: Any, vocab_size: int | None) -> Any:
+    """The Hugging Face tokenizer in use, checked against ``vocabulary`` and ``vocab_size``."""
+    if vocabulary is not None:
+        raise ValueError("vocabulary: not used with tokenizer= (the tokenizer's vocabulary is the action space); "
+                         "pass one of them")  # fmt: skip
+    hf = tokenizer if isinstance(tokenizer, HFTokenizer) else HFTokenizer(tokenizer)
+    if vocab_size is not None and vocab_size != len(hf):
+        raise ValueError(f"vocab_size: got {vocab_size} but the tokenizer has {len(hf)} tokens; leave it out")
+    if len(hf) < 2:
+        raise ValueError(f"tokenizer: expected at least 2 tokens, got {len(hf)}")
+    return hf
 
 
 def reward_components(

@@ -142,6 +142,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
         eos_token: str | int | None = None,
         compute_score: ComputeScore | None = None,
         prompts: Any = None,
+        tokenizer: Any = None,
     ) -> None:
         check_render_mode(render_mode, self.metadata)
         self.config = TextGenConfig(
@@ -157,6 +158,7 @@ class TextGenEnv(gym.Env[np.ndarray, np.int64]):
             eos_token,
             compute_score,
             prompts,
+            tokenizer,
         )
         self.render_mode = render_mode
         self.action_space = spaces.Discrete(self.config.vocab_size)

@@ -115,6 +115,7 @@ class TextGenVectorEnv(VectorEnv):
         eos_token: str | int | None = None,
         compute_score: ComputeScore | None = None,
         prompts: Any = None,
+        tokenizer: Any = None,
         group_size: int = 1,
     ) -> None:
         check_render_mode(render_mode, self.metadata)
@@ -131,6 +132,7 @@ class TextGenVectorEnv(VectorEnv):
             eos_token,
             compute_score,
             prompts,
+            tokenizer,
         )
         self.sequences = SequenceBatch(self.config, num_envs)
         self.starter = EpisodeStarter(self.sequences, group_size)

@@ -3,6 +3,7 @@
 from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
 from verl_sb3.entropy import EntropyController, TargetEntropyCallback
 from verl_sb3.estimation import AdvantageEstimationMixin
+from verl_sb3.hf import HFCausalLMPolicy
 from verl_sb3.kl_control import AdaptiveKLController, FixedKLController
 from verl_sb3.policies import SLMLstmPolicy, SLMTransformerPolicy
 from verl_sb3.ppo_update import PPOUpdateMixin
@@ -20,6 +21,7 @@ __all__ = [
     "CriticWarmupCallback",
     "EntropyController",
     "FixedKLController",
+    "HFCausalLMPolicy",
     "PPOUpdateMixin",
     "ReferenceKLMixin",
     "ReuseMassJudge",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -35,8 +36,9 @@ class Generation:
 
 
 def textgen_config(model: BaseAlgorithm, **overrides: Any) -> TextGenConfig:
-    """The environment settings recorded with ``model`` (``model.env_kwargs``), with ``overrides``."""
-    kwargs = dict(getattr(model, "env_kwargs", None) or {})
+    """The environment settings recorded with ``model`` (``model.env_kwargs``, which the training job
+    records; else those of the TextGen environment it has), with ``overrides``."""
+    kwargs = dict(getattr(model, "env_kwargs", None) or _environment_kwargs(model))
     kwargs.update(overrides)
     config = TextGenConfig(**kwargs)
     expected = (config.max_length,)
@@ -46,6 +48,18 @@ def textgen_config(model: BaseAlgorithm, **overrides: Any) -> TextGenConfig:
             f"{model.action_space}, which does not fit vocab_size={config.vocab_size}, max_length={config.max_length}"
         )
     return config
+
+
+def _environment_kwargs(model: BaseAlgorithm) -> dict[str, Any]:
+    """The arguments of the TextGen environment ``model`` has (none without one)."""
+    env = model.get_env()
+    config = getattr(env, "config", None)
+    if config is None and env is not None:
+        try:
+            config = env.get_attr("config")[0]
+        except AttributeError:
+            config = None
+    return config.as_kwargs() if isinstance(config, TextGenConfig) else {}
 
 
 def _start(
@@ -145,6 +159,8 @@ def generate(
     """
     check_generation_args(num_sequences, temperature, seed)
     config = textgen_config(model)
+    if prompt is not None and config.compute_score is not None:  # a prompt given here has no reference answer
+        config = dataclasses.replace(config, compute_score=None, prompts=None)
     sequences, prompt_ids, room = _start(config, num_sequences, prompt)
     length = room if length is None else length
     if not is_integer(length) or not 1 <= length <= room:

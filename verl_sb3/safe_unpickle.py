@@ -69,6 +69,8 @@ _ALLOWED_NAMES: dict[str, tuple[str, ...]] = {
     "verl_sb3.policies.lstm": ("SLMLstmPolicy",),
     "verl_sb3.policies.transformer": ("SLMTransformerPolicy",),
     "verl_sb3.transformer_policy": ("SLMTransformerPolicy",),
+    "verl_sb3.hf.policy": ("HFCausalLMPolicy",),
+    "verl_sb3.hf": ("HFCausalLMPolicy",),
     "verl_sb3.kl_control": ("FixedKLController", "AdaptiveKLController"),
     "verl_sb3.verification.report": ("VerificationReport",),
     "verl_sb3.verification.judgement": ("NextRolloutJudgement", "PendingJudgement"),

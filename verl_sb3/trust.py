@@ -181,8 +181,24 @@ def untrusted_load_kwargs(data: bytes, cls: type[BaseAlgorithm], name: str, kwar
         check_torch_entries(archive, cls, name, UntrustedCheckpointError)
     given = kwargs.get("custom_objects")
     safe = safe_custom_objects(io.BytesIO(data), given, name, never_saved(cls))
+    _check_policy_settings(data, {**safe, **(given or {})}, name)
     # tensorboard_log: where learn() writes is not the file's to say
     return {**kwargs, "custom_objects": {**safe, **(given or {})}, "tensorboard_log": kwargs.get("tensorboard_log")}
+
+
+def _check_policy_settings(data: bytes, objects: dict[str, Any], name: str) -> None:
+    """The policy class's own check of the file's ``policy_kwargs`` (``check_saved_settings``, e.g.
+    :class:`verl_sb3.hf.HFCausalLMPolicy`'s), before anything is built from them."""
+    check = getattr(objects.get("policy_class"), "check_saved_settings", None)
+    if not callable(check):
+        return
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        kwargs = objects.get("policy_kwargs", json.loads(archive.read("data")).get("policy_kwargs"))
+        weight_bytes = archive.getinfo("policy.pth").file_size if "policy.pth" in archive.namelist() else 0
+    try:
+        check(kwargs, weight_bytes)
+    except ValueError as error:
+        raise UntrustedCheckpointError(f"checkpoint {name!r}: {error}") from None
 
 
 def check_loaded(model: BaseAlgorithm, data: bytes, name: str) -> None:

@@ -20,6 +20,7 @@ from stable_baselines3.common.distributions import Distribution
 
 from verl_sb3.entropy import DEFAULT_ENTROPY_COEF_RATE, EntropyController
 from verl_sb3.estimation import AdvantageEstimationMixin
+from verl_sb3.hf.policy import HFCausalLMPolicy
 from verl_sb3.judged_collection import JudgedCollectionMixin
 from verl_sb3.policies import SLMLstmPolicy, SLMTransformerPolicy
 from verl_sb3.ppo_update import PPOUpdateMixin
@@ -171,6 +172,9 @@ class VerificationMixin(JudgedCollectionMixin, SafeLoadMixin):
     def _setup_model(self) -> None:
         legacy.migrate(self)  # a model saved by verl_sb3 0.1, just loaded
         super()._setup_model()
+        portable_kwargs = getattr(self.policy, "portable_kwargs", None)
+        if callable(portable_kwargs):  # a save keeps settings, not the objects given (HFCausalLMPolicy's model)
+            self.policy_kwargs = portable_kwargs(self.policy_kwargs)
 
     @property
     def verification_config(self) -> VerificationConfig:
@@ -358,11 +362,15 @@ class VerifiedPPO(VerificationMixin, ReferenceKLMixin, AdvantageEstimationMixin,
     ``ref_kl_*`` arguments and ``reference``. The advantage estimator and veRL's loss settings
     (``advantage_estimator``: GAE or GRPO, Dr. GRPO, RLOO, REINFORCE++; ``loss_agg_mode``,
     ``clip_range_high``, ``filter_groups``) are :class:`verl_sb3.estimation.AdvantageEstimationMixin`'s;
-    with a critic-free one the critic's checks give way to ``group_advantages``. Accepts the policy
-    ``"SLMTransformerPolicy"`` by name.
+    with a critic-free one the critic's checks give way to ``group_advantages``. Accepts the policies
+    ``"SLMTransformerPolicy"`` and ``"HFCausalLMPolicy"`` (:mod:`verl_sb3.hf`) by name.
     """
 
-    policy_aliases: ClassVar[dict[str, type]] = {**PPO.policy_aliases, "SLMTransformerPolicy": SLMTransformerPolicy}
+    policy_aliases: ClassVar[dict[str, type]] = {
+        **PPO.policy_aliases,
+        "SLMTransformerPolicy": SLMTransformerPolicy,
+        "HFCausalLMPolicy": HFCausalLMPolicy,
+    }
 
 
 class VerifiedRecurrentPPO(VerificationMixin, ReferenceKLMixin, AdvantageEstimationMixin, PPOUpdateMixin, RecurrentPPO):

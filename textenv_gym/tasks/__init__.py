@@ -5,7 +5,8 @@ a ``compute_score``; its reward is the score alone (the diversity and repetition
 weigh 0). ``gym.make("TextGen-Reverse-v0", split="test", length=4)``, ``gym.make_vec(...,
 vectorization_mode="vector_entry_point")`` and :func:`task_kwargs` (for
 :func:`textenv_gym.sb3_vec_env.make_textgen_vec_env`) take the task's arguments and any other
-TextGen-v0 argument, which replaces the task's.
+TextGen-v0 argument, which replaces the task's. With ``tokenizer=`` (a Hugging Face tokenizer),
+its vocabulary and end-of-sequence token replace the task's, and it encodes the prompts.
 """
 
 from __future__ import annotations
@@ -37,10 +38,22 @@ def task_kwargs(env_id: str, **kwargs: Any) -> dict[str, Any]:
             f"{env_id}: unknown arguments {unknown}; the task's own are {sorted(own)}, and any TextGen-v0 "
             f"argument replaces the task's: {sorted(environment_arguments())}"
         )
-    return {
-        **build(**{k: v for k, v in kwargs.items() if k in own}),
-        **{k: v for k, v in kwargs.items() if k not in own},
-    }
+    arguments = build(**{k: v for k, v in kwargs.items() if k in own})
+    if kwargs.get("tokenizer") is not None:  # its vocabulary and its end of sequence replace the task's
+        arguments.pop("vocabulary")
+        arguments.pop("eos_token")
+        if "eos_token" not in kwargs and _end_of_sequence(kwargs["tokenizer"]) is None:
+            raise ValueError(
+                f"{env_id}: the tokenizer has no end-of-sequence token, which the task's answers end with; give "
+                "eos_token= (a token of the tokenizer or its id)"
+            )
+    return {**arguments, **{k: v for k, v in kwargs.items() if k not in own}}
+
+
+def _end_of_sequence(tokenizer: Any) -> int | None:
+    from textenv_gym.hf_tokenizer import load_tokenizer
+
+    return load_tokenizer(tokenizer).eos_token_id
 
 
 def environment_arguments() -> tuple[str, ...]:

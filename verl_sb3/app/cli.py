@@ -29,6 +29,8 @@ from verl_sb3 import __version__
 from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
 
 PROG = "verl-sb3"
+#: The share of the task's train split that ``sft`` warm-starts on unless told otherwise.
+SFT_SHARE = 0.1
 
 #: ``train`` options that map one-to-one to :class:`verl_sb3.app.config.TrainConfig` fields.
 TRAIN_OPTIONS = (
@@ -48,6 +50,8 @@ TRAIN_OPTIONS = (
     "advantage_estimator",
     "critic_warmup",
     "group_size",
+    "warm_start_share",
+    "warm_start_epochs",
     "loss_agg_mode",
     "stop_on_targets",
 )
@@ -116,19 +120,30 @@ def parse_token_ids(text: str | Sequence[str]) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Verified PPO for a small LSTM language model on TextGen-v0.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,evaluate,generate}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sft,evaluate,generate}")
     _add_train_command(commands)
+    _add_train_command(commands, warm_start=True)
     _add_evaluate_command(commands)
     _add_generate_command(commands)
     return parser
 
 
-def _add_train_command(commands: Any) -> None:
+def _add_train_command(commands: Any, warm_start: bool = False) -> None:
+    """``train``, or with ``warm_start`` ``sft``: the same job, starting with a supervised warm start."""
     train = commands.add_parser(
-        "train",
-        help="train the model, write the dashboard, logs, checkpoints and evaluation",
-        description="Train with verified PPO. Options left out take their value from --config, else from "
-        "TrainConfig's defaults. Exit code 1 when an evaluation target is not met.",
+        "sft" if warm_start else "train",
+        help="the job's LSTM policy warm-started on a share of a task's train split, then verified RL as train"
+        if warm_start
+        else "train the model, write the dashboard, logs, checkpoints and evaluation",
+        description=(
+            "Fit the job's policy (the LSTM SLM) to (prompt, answer) records of the task's train split by teacher "
+            f"forcing (--warm-start-share, default {SFT_SHARE}), then train it with verified PPO as train does (a "
+            "Hugging Face model: verl_sb3.sft.supervised_warm_start in Python). "
+            if warm_start
+            else "Train with verified PPO. "
+        )
+        + "Options left out take their value from --config, else from TrainConfig's defaults. Exit code 1 when an "
+        "evaluation target is not met.",
         argument_default=argparse.SUPPRESS,  # only the options given reach TrainConfig
     )
     train.add_argument(
@@ -175,6 +190,10 @@ def _add_train_command(commands: Any) -> None:
         action="store_false",
         help="train for --total-timesteps even after the evaluation targets are met and confirmed",
     )
+    train.add_argument(
+        "--warm-start-share", type=float, help="share of the task's train split for a supervised warm start (0: none)"
+    )
+    train.add_argument("--warm-start-epochs", type=_integer(1), help="passes of the warm start over its records")
     train.add_argument("--output-dir", help="folder of the outputs (default: results)")
     train.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
     job = train.add_mutually_exclusive_group()
@@ -183,6 +202,8 @@ def _add_train_command(commands: Any) -> None:
         "--resume", metavar="DIR", help="continue the run in DIR from its newest checkpoint, with its own settings"
     )
     train.set_defaults(handler=_train)
+    if warm_start:
+        train.set_defaults(sft_default_share=SFT_SHARE)
 
 
 def _add_evaluate_command(commands: Any) -> None:
@@ -246,7 +267,7 @@ def train_config(args: argparse.Namespace):
     """The :class:`TrainConfig` of ``train``'s arguments: the YAML file, then the options given."""
     import yaml
 
-    from verl_sb3.app.config import TrainConfig
+    from verl_sb3.app.config import DEFAULT_ENV_ID, TrainConfig
 
     overrides: dict[str, Any] = {name: getattr(args, name) for name in TRAIN_OPTIONS if hasattr(args, name)}
     if "forbidden_tokens" in overrides:
@@ -256,11 +277,29 @@ def train_config(args: argparse.Namespace):
             raise ValueError(f"--forbidden-tokens: {error}") from None
     config_file = getattr(args, "config", None)
     try:
-        if config_file is not None:
-            return TrainConfig.from_yaml(config_file, **overrides)
-        return TrainConfig.from_dict(overrides)
+        config = TrainConfig.from_yaml(config_file, **overrides) if config_file is not None else None
     except yaml.YAMLError as error:
         raise ValueError(f"config {config_file!r}: not valid YAML ({_one_line(error)})") from None
+    if hasattr(args, "sft_default_share"):  # sft: a warm start unless the options or the file set its share
+        if (config.env_id if config is not None else overrides.get("env_id", DEFAULT_ENV_ID)) == DEFAULT_ENV_ID:
+            raise ValueError("--env: sft fits a task's (prompt, answer) records: name a task, e.g. TextGen-Reverse-v0")
+        if "warm_start_share" not in overrides and "warm_start_share" not in _yaml_settings(config_file):
+            overrides["warm_start_share"] = args.sft_default_share
+            return TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig.from_dict(overrides)
+    return config if config is not None else TrainConfig.from_dict(overrides)
+
+
+def _yaml_settings(config_file: str | None) -> dict[str, Any]:
+    """The settings a --config file gives itself (none without one)."""
+    import yaml
+
+    from verl_sb3.app.config import YamlLoader
+
+    if config_file is None:
+        return {}
+    with open(config_file) as file:
+        settings = yaml.load(file, Loader=YamlLoader)
+    return settings if isinstance(settings, dict) else {}
 
 
 def _check_buildable(config) -> None:
@@ -315,6 +354,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"  checkpoints      {checkpoints}/ ({', '.join(saved)}, {len(periodic)} periodic)")
     print(f"  evaluation       {output / 'evaluation.md'}, {output / 'evaluation.json'}")
     print(f"  configuration    {output / 'config.yaml'}")
+    if (output / "warm_start.json").is_file():
+        print(f"  warm start       {output / 'warm_start.json'}")
     return _report_targets(result["rows"], fail_code=1)
 
 

@@ -74,6 +74,8 @@ ADDED_SETTINGS: dict[str, Any] = {
     "filter_groups": False,
     "group_size": 1,
     "stop_on_targets": False,
+    "warm_start_share": 0.0,
+    "warm_start_epochs": 5,
 }
 
 
@@ -81,15 +83,15 @@ ADDED_SETTINGS: dict[str, Any] = {
 class TrainConfig:
     """Everything the training run uses; the defaults are the default run (see the README).
 
-    ``env_id`` is TextGen-v0 or a registered task (``textenv_gym.tasks``), whose own arguments
-    (``split``, difficulty, ``seed``) go in ``env_kwargs``; :meth:`from_dict` and :meth:`for_task`
-    then start from :data:`TASK_DEFAULTS`. A task sets the vocabulary and the length itself, so
-    ``vocab_size``, ``max_length`` and ``forbidden_tokens`` must keep their defaults. For a
-    task, ``eval_sequences`` and ``final_eval_sequences`` are the answers sampled per test prompt.
-    ``advantage_estimator``, ``loss_agg_mode``, ``clip_range_high``, ``filter_groups``: see
-    :mod:`verl_sb3.estimation`; ``group_size``: environments answering in groups. With
-    ``stop_on_targets``, training ends at the first evaluation meeting the evaluation targets whose
-    confirming evaluation (``final_eval_sequences`` fresh samples) meets them too.
+    ``env_id`` is TextGen-v0 or a registered task (``textenv_gym.tasks``), whose own arguments (``split``,
+    difficulty, ``seed``) go in ``env_kwargs``; :meth:`from_dict` and :meth:`for_task` then start from
+    :data:`TASK_DEFAULTS`. A task sets the vocabulary and the length itself, so ``vocab_size``, ``max_length``
+    and ``forbidden_tokens`` must keep their defaults; its ``eval_sequences`` and ``final_eval_sequences`` are
+    the answers sampled per test prompt. ``advantage_estimator``, ``loss_agg_mode``, ``clip_range_high``,
+    ``filter_groups``: :mod:`verl_sb3.estimation`; ``group_size``: environments answering in groups. With
+    ``stop_on_targets``, training ends at the first evaluation meeting the evaluation targets whose confirming
+    evaluation (``final_eval_sequences`` fresh samples) meets them too. ``warm_start_*``: a supervised warm
+    start before RL (:func:`verl_sb3.app.warm_start.run_warm_start`).
     """
 
     env_id: str = DEFAULT_ENV_ID
@@ -121,6 +123,8 @@ class TrainConfig:
     filter_groups: bool = False
     group_size: int = 1
     stop_on_targets: bool = True
+    warm_start_share: float = 0.0
+    warm_start_epochs: int = 5
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     policy_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_critic_lstm": False})
@@ -164,7 +168,7 @@ class TrainConfig:
                 raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
         for name in ("learning_rate", "kl_threshold", "clip_range", "max_grad_norm"):
             number(name, 0.0, open_low=True)
-        for name in ("gamma", "gae_lambda"):
+        for name in ("gamma", "gae_lambda", "warm_start_share"):
             number(name, 0.0, 1.0)
         for name in ("ent_coef", "vf_coef"):
             number(name, 0.0)
@@ -292,7 +296,7 @@ class TrainConfig:
     def ppo_kwargs(self) -> dict[str, Any]:
         """The PPO arguments of the run's model (learning rate schedule, rollout, loss, policy_kwargs, seed)."""
         return dict(
-            learning_rate=self.learning_rate_schedule(),
+            learning_rate=learning_rate_schedule(self),
             n_steps=self.n_steps,
             batch_size=self.batch_size,
             n_epochs=self.n_epochs,
@@ -319,15 +323,16 @@ class TrainConfig:
         """The verified PPO's verification arguments: this configuration's fields, then ``verification``."""
         return {**self._own_verification_kwargs(), **self.verification}
 
-    def learning_rate_schedule(self) -> float | Schedule:
-        """``learning_rate``, decaying linearly to ``learning_rate_final`` over the run (SB3's
-        ``LinearSchedule`` of the progress remaining), or constant when that is None."""
-        if self.learning_rate_final is None:
-            return self.learning_rate
-        return LinearSchedule(self.learning_rate, self.learning_rate_final, end_fraction=1.0)
-
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+def learning_rate_schedule(config: TrainConfig) -> float | Schedule:
+    """``learning_rate``, decaying linearly to ``learning_rate_final`` over the run (SB3's
+    ``LinearSchedule`` of the progress remaining), or constant when that is None."""
+    if config.learning_rate_final is None:
+        return config.learning_rate
+    return LinearSchedule(config.learning_rate, config.learning_rate_final, end_fraction=1.0)
 
 
 def _check_estimator_settings(config: TrainConfig) -> None:
@@ -346,5 +351,10 @@ def _check_estimator_settings(config: TrainConfig) -> None:
             f"group_size: advantage_estimator {config.advantage_estimator!r} compares the episodes of a group; "
             f"set group_size >= 2 (got {config.group_size})"
         )
+    epochs = config.warm_start_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"warm_start_epochs: expected an integer >= 1, got {epochs!r}")
+    if config.warm_start_share > 0 and config.env_id == DEFAULT_ENV_ID:
+        raise ValueError("warm_start_share: needs a task's (prompt, answer) records; TextGen-v0 has none")
     if config.n_envs % config.group_size:
         raise ValueError(f"group_size: n_envs ({config.n_envs}) must be a multiple of group_size ({config.group_size})")

@@ -29,6 +29,7 @@ OUTPUTS = (
     "evaluation.md",
     "evaluation.json",
     "training_curves.png",
+    "warm_start.json",
     "logs",
     "model_checkpoints",
 )

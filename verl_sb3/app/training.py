@@ -40,6 +40,7 @@ from verl_sb3.app.targets import (
     markdown_table,
     save_evaluation,
 )
+from verl_sb3.app.warm_start import run_warm_start
 from verl_sb3.checkpoints import resume_checkpoint, save_checkpoint
 from verl_sb3.verified import VerifiedRecurrentPPO
 from verl_sb3.warmup import CriticWarmupCallback
@@ -96,6 +97,7 @@ def train(config: TrainConfig, overwrite: bool = False, callbacks: Sequence[Base
         replace_text(output / "config.yaml", yaml.safe_dump(config.as_dict(), sort_keys=False))
         th.set_num_threads(config.threads)
         model = build_model(config)
+        run_warm_start(model, config, output)
         recorder = TrainingRecorder(config, output, _progress_lines(config))
         return _run(config, model, recorder, output, resumed=False, callbacks=callbacks)
 

@@ -16,8 +16,9 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution
 
+from verl_sb3.kl_control import non_finite_probabilities
 from verl_sb3.tokens import last_tokens, sequence_lengths
-from verl_sb3.verification.context import CheckResult, UpdateContext
+from verl_sb3.verification.context import CheckResult, UpdateContext, distribution_entropy
 
 
 def _finite(value: float) -> bool:
@@ -163,10 +164,11 @@ def non_finite_parameter_names(module: th.nn.Module) -> list[str]:
 def finite_parameters_check(ctx: UpdateContext) -> CheckResult:
     """Every policy parameter and every new action log-probability is finite."""
     bad = count_non_finite(ctx.parameters)
-    probabilities = ctx.probabilities("new")
-    values = probabilities if probabilities is not None else ctx.new_log_prob
-    # a sum is non-finite whenever one of its terms is: one pass settles the common case
-    bad_probs = 0 if bool(th.isfinite(values.sum())) else int((~th.isfinite(values)).sum())
+    if isinstance(ctx.new_distribution, CategoricalDistribution):  # counted in chunks of states
+        bad_probs = non_finite_probabilities(ctx.real(ctx.new_distribution.distribution.logits))
+    else:  # a sum is non-finite whenever one of its terms is: one pass settles the common case
+        values = ctx.new_log_prob
+        bad_probs = 0 if bool(th.isfinite(values.sum())) else int((~th.isfinite(values)).sum())
     total = bad + bad_probs
     return CheckResult(
         total == 0, float(total), 0.0, f"{bad} non-finite parameters, {bad_probs} non-finite probabilities"
@@ -181,7 +183,7 @@ def entropy_check(ctx: UpdateContext, min_entropy: float) -> CheckResult:
     trained back, where a floor alone would reject every update from then on.
     """
     entropy = ctx.entropy.mean().item()
-    old = ctx.old_distribution.entropy()
+    old = distribution_entropy(ctx.old_distribution)
     before = ctx.real(old).mean().item() if old is not None else math.nan
     passed = _finite(entropy) and (entropy >= min_entropy or entropy >= before)
     message = f"mean policy entropy {before:.4g} -> {entropy:.4g} nats"

@@ -10,7 +10,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, kl_divergence
 
-from verl_sb3.kl_control import categorical_kl
+from verl_sb3.kl_control import categorical_entropy, categorical_kl
 from verl_sb3.rollout import distribution_validation
 
 
@@ -69,7 +69,7 @@ class UpdateContext:
         # KL >= 0; float32 rounding can give -5e-7 for one distribution written with shifted logits.
         # clamp_min keeps NaN, which the checks must see.
         self.kl = self.real(_kl(self.old_distribution, self.new_distribution)).clamp_min(0.0)
-        self.entropy = self.new_distribution.entropy()
+        self.entropy = distribution_entropy(self.new_distribution)
         self.entropy = self.real(self.entropy) if self.entropy is not None else -self.new_log_prob
 
     def real(self, values: th.Tensor) -> th.Tensor:
@@ -139,6 +139,13 @@ def rollout_context(
         sample_episodes=batch.sample_episodes,
         sample_groups=batch.sample_groups,
     )
+
+
+def distribution_entropy(distribution: Distribution) -> th.Tensor | None:
+    """Per-state entropy; for Categorical, summed in chunks of states (no full-size temporaries)."""
+    if isinstance(distribution, CategoricalDistribution):
+        return categorical_entropy(distribution.distribution.logits)
+    return distribution.entropy()
 
 
 def _kl(old: Distribution, new: Distribution) -> th.Tensor:
