@@ -10,9 +10,14 @@ memory of the exact KL over a 50,257-token vocabulary, chunked against unchunked
   evaluation mode, as SB3's collection calls it), with the cache and without it (every step encodes
   the whole prefix). Milliseconds per step (median of ``--repeats``, the two modes alternating),
   their ratio, and the largest difference of their logits.
+- ``task``: the same model collecting rollouts of TextGen-Reverse-v0 (``--task-length``), whose
+  episodes end and restart at different steps, with the cache and without it (``collect_rollouts``);
 - ``kl``: in a fresh subprocess each, :func:`verl_sb3.kl_control.categorical_kl` over ``--kl-rows``
   states of old and new distributions at ``--vocab`` tokens, with the rows in chunks (the default)
-  and in one pass; the peak resident memory above what the two distributions take.
+  and in one pass; the peak resident memory above what the two distributions take;
+- ``update``: in a fresh subprocess each, one verified update of ``VerifiedPPO`` with the policy on
+  TextGen-v0 at ``--vocab`` tokens (``--envs`` x ``--update-steps`` states), the KL chunked and in
+  one pass: the peak resident memory above the memory before ``learn``.
 
 1 torch thread. A CSV goes to ``benchmarks/output/hf_policy.csv``.
 """
@@ -120,7 +125,7 @@ def kl_subprocess(chunked: bool, rows: int, vocab: int) -> None:
     """In the subprocess: the peak memory of one KL call above the distributions themselves."""
     import torch as th
 
-    from verl_sb3.kl_control import categorical_kl
+    from verl_sb3.categorical import categorical_kl
 
     th.set_num_threads(1)
     generator = th.Generator().manual_seed(0)
@@ -233,12 +238,12 @@ def update_subprocess(one_pass: bool, args_json: str) -> None:
     """In the subprocess: the peak memory of one verified update (collection, training, verification)."""
     import torch as th
 
-    import verl_sb3.kl_control
+    import verl_sb3.categorical
 
     th.set_num_threads(1)
     args = argparse.Namespace(**json.loads(args_json))
     if one_pass:
-        verl_sb3.kl_control.KL_CHUNK_ELEMENTS = 1 << 62
+        verl_sb3.categorical.ROW_CHUNK_ELEMENTS = 1 << 62
     from textenv_gym.sb3_vec_env import make_textgen_vec_env
     from verl_sb3 import VerifiedPPO
     from verl_sb3.hf.tiny import tiny_causal_lm, word_tokenizer

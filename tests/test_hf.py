@@ -24,8 +24,8 @@ from textenv_gym.hf_tokenizer import HFTokenizer
 from textenv_gym.sb3_vec_env import make_textgen_vec_env
 from textenv_gym.tasks import task_kwargs
 from verl_sb3 import VerifiedPPO
+from verl_sb3.categorical import categorical_kl
 from verl_sb3.hf.tiny import save_tiny_model, word_tokenizer
-from verl_sb3.kl_control import categorical_kl
 from verl_sb3.rollout import LogitsRecorder, policy_kind
 from verl_sb3.sft import supervised_warm_start
 from verl_sb3.task_evaluation import evaluate_task
@@ -325,6 +325,13 @@ def test_more_policy_arguments_are_checked_by_name(gpt2_dir):
             VerifiedPPO("HFCausalLMPolicy", env, policy_kwargs={"model_config": config})
 
 
+def test_the_model_runs_in_evaluation_mode_also_while_training(gpt2_dir):
+    model = hf_model(gpt2_dir)
+    model.policy.set_training_mode(True)
+    assert model.policy.training and not model.policy.language_model.training
+    assert not any(module.training for module in model.policy.language_model.modules())
+
+
 def test_the_model_keeps_the_dtype_it_is_given(gpt2_dir):
     model = hf_model(gpt2_dir, policy_kwargs={"model_dtype": "bfloat16"})
     assert {p.dtype for p in model.policy.language_model.parameters()} == {th.bfloat16}
@@ -392,6 +399,12 @@ def test_a_tampered_checkpoint_cannot_load_another_model_or_ask_for_more_memory(
     kernel = tampered(lambda kwargs: kwargs["model_config"].update(attn_implementation="kernels-community/flash"))
     with pytest.raises(UntrustedCheckpointError, match="attn_implementation"):
         VerifiedPPO.load(kernel, env=model.get_env())
+    nested = tampered(lambda kwargs: kwargs["model_config"].update(text_config={"auto_map": {"AutoModel": "x.Y"}}))
+    with pytest.raises(UntrustedCheckpointError, match=r"model_config\['text_config'\]: names custom code"):
+        VerifiedPPO.load(nested, env=model.get_env())
+    dtype = tampered(lambda kwargs: kwargs.update(model_dtype="complex64"))
+    with pytest.raises(UntrustedCheckpointError, match=r"policy_kwargs\['model_dtype'\]: expected one of"):
+        VerifiedPPO.load(dtype, env=model.get_env())
 
 
 def test_tokenizer_tokens_that_do_not_exist_are_refused(gpt2_dir):

@@ -160,7 +160,8 @@ def supervised_warm_start(
 
     Adam over the policy's trainable parameters (the policy's own optimizer is left as it was),
     ``epochs`` passes over the records in shuffled minibatches of ``batch_size`` records. Then the
-    reference policy of KL control, if any, becomes the warm-started policy. The losses are
+    reference policy of KL control, if any, becomes the warm-started policy (also in place of a
+    ``reference=`` given to the model: RL is then held near the warm start, as in RLHF). The losses are
     computed in evaluation mode (no dropout). A warm start whose loss ends non-finite or higher
     than it started is undone (the policy restored exactly) and raises a ValueError.
 

@@ -186,6 +186,7 @@ class TrainConfig:
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected true or false, got {getattr(self, name)!r}")
         _check_estimator_settings(self)
+        _check_warm_start_settings(self)
         if isinstance(self.verbose, bool) or self.verbose not in (0, 1, 2):
             raise ValueError(f"verbose: expected 0, 1 or 2, got {self.verbose!r}")
         if not isinstance(self.env_id, str):
@@ -335,6 +336,15 @@ def learning_rate_schedule(config: TrainConfig) -> float | Schedule:
     return LinearSchedule(config.learning_rate, config.learning_rate_final, end_fraction=1.0)
 
 
+def _check_warm_start_settings(config: TrainConfig) -> None:
+    """A ValueError naming the warm-start setting of ``config`` that does not fit."""
+    epochs = config.warm_start_epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"warm_start_epochs: expected an integer >= 1, got {epochs!r}")
+    if config.warm_start_share > 0 and config.env_id == DEFAULT_ENV_ID:
+        raise ValueError("warm_start_share: needs a task's (prompt, answer) records; TextGen-v0 has none")
+
+
 def _check_estimator_settings(config: TrainConfig) -> None:
     """A ValueError naming the advantage-estimation setting of ``config`` that does not fit: the
     model's own checks, and how they go with the job's critic warm-up and environments."""
@@ -351,10 +361,5 @@ def _check_estimator_settings(config: TrainConfig) -> None:
             f"group_size: advantage_estimator {config.advantage_estimator!r} compares the episodes of a group; "
             f"set group_size >= 2 (got {config.group_size})"
         )
-    epochs = config.warm_start_epochs
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"warm_start_epochs: expected an integer >= 1, got {epochs!r}")
-    if config.warm_start_share > 0 and config.env_id == DEFAULT_ENV_ID:
-        raise ValueError("warm_start_share: needs a task's (prompt, answer) records; TextGen-v0 has none")
     if config.n_envs % config.group_size:
         raise ValueError(f"group_size: n_envs ({config.n_envs}) must be a multiple of group_size ({config.group_size})")

@@ -1,4 +1,4 @@
-"""Hugging Face causal language models as verified policies, and the supervised warm start.
+"""Hugging Face causal language models as verified policies (:class:`HFCausalLMPolicy`).
 
 Needs the optional extra ``hf`` (transformers, tokenizers, peft): ``pip install "textenv-gym[hf]"``.
 Importing this package does not need it; building a policy or a tokenizer without it raises an

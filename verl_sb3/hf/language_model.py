@@ -138,7 +138,7 @@ class CausalLMActorCritic(nn.Module):
     def token_ids(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
         return padded_after_end(features_to_token_ids(features, self.vocab_size, self.max_length), self.pad_id)
 
-    def _run(
+    def _encode(
         self, input_ids: th.Tensor, mask: th.Tensor, positions: th.Tensor, use_cache: bool = False, cache: Any = None
     ) -> tuple[th.Tensor, Any]:
         """The body's final hidden states and, with ``use_cache``, its key/value cache (extending ``cache``)."""
@@ -168,7 +168,7 @@ class CausalLMActorCritic(nn.Module):
         if tokens.shape[0] == 0:
             return self.head.weight.new_zeros(0, self.hidden_size)
         rows, positions = CausalTransformerLM.shared_prefixes(tokens, lengths)
-        hidden, _ = self._run(*self._inputs(tokens[rows]))
+        hidden, _ = self._encode(*self._inputs(tokens[rows]))
         return hidden[positions]
 
     def forward(self, features: th.Tensor) -> tuple[th.Tensor, th.Tensor]:
@@ -216,14 +216,14 @@ class CausalLMActorCritic(nn.Module):
             cohort.tokens, cohort.lengths = tokens[cohort.rows], lengths[cohort.rows]
             new = cohort.tokens[th.arange(len(cohort.rows), device=tokens.device), cohort.lengths - 1].unsqueeze(1)
             cohort.mask = th.cat([cohort.mask, cohort.mask.new_ones(len(cohort.rows), 1)], dim=1)
-            out, cohort.cache = self._run(new, cohort.mask, cohort.lengths.unsqueeze(1), True, cohort.cache)
+            out, cohort.cache = self._encode(new, cohort.mask, cohort.lengths.unsqueeze(1), True, cohort.cache)
             hidden = _placed(hidden, cohort.rows, out[:, -1], tokens.shape[0])
             served[cohort.rows] = True
             cohorts.append(cohort)
         fresh = (~served).nonzero().squeeze(1)
         if len(fresh):
             inputs, mask, positions = self._inputs(tokens[fresh])
-            out, cache = self._run(inputs, mask, positions, True)
+            out, cache = self._encode(inputs, mask, positions, True)
             hidden = _placed(
                 hidden, fresh, out[th.arange(len(fresh), device=tokens.device), lengths[fresh]], len(served)
             )

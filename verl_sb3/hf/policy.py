@@ -48,7 +48,7 @@ def load_causal_lm(
         raise ValueError("policy_kwargs: give model= or model_config=, not both")
     if model_config is not None:
         built = transformers.AutoModelForCausalLM.from_config(
-            model_configuration(model_config), trust_remote_code=False
+            configuration_from_dict(model_config), trust_remote_code=False
         )
     elif isinstance(model, transformers.PreTrainedModel):
         built = copy.deepcopy(model)  # the caller's model stays as it is (no LoRA, its dropout), and unshared
@@ -83,23 +83,29 @@ def disable_dropout(model: nn.Module) -> nn.Module:
 ATTENTION_IMPLEMENTATIONS = (None, "eager", "sdpa")
 
 
-def model_configuration(model_config: Any) -> Any:
+def configuration_from_dict(model_config: Any) -> Any:
     """A transformers configuration from a saved ``model_config`` dict: no custom code
     (``auto_map``), and PyTorch's own attention (``eager`` / ``sdpa``) only."""
     transformers = require_transformers("HFCausalLMPolicy")
     if not isinstance(model_config, dict) or not isinstance(model_config.get("model_type"), str):
         raise ValueError(f"model_config: expected a configuration dict with a 'model_type', got {model_config!r:.200}")
-    if "auto_map" in model_config:
-        raise ValueError("model_config: names custom code ('auto_map'), which is never run")
-    for key in ("attn_implementation", "_attn_implementation", "_attn_implementation_internal"):
-        if model_config.get(key) not in ATTENTION_IMPLEMENTATIONS:
-            raise ValueError(
-                f"model_config: {key} must be one of {ATTENTION_IMPLEMENTATIONS}, got {model_config[key]!r}"
-            )
+    _check_configuration(model_config, "model_config")
     try:
         return transformers.AutoConfig.for_model(**model_config)
     except (TypeError, ValueError, KeyError) as error:
         raise ValueError(f"model_config: not a transformers configuration: {error}") from None
+
+
+def _check_configuration(config: dict[str, Any], where: str) -> None:
+    """No custom code (``auto_map``), no attention but PyTorch's; nested configurations too."""
+    if "auto_map" in config:
+        raise ValueError(f"{where}: names custom code ('auto_map'), which is never run")
+    for key in ("attn_implementation", "_attn_implementation", "_attn_implementation_internal"):
+        if config.get(key) not in ATTENTION_IMPLEMENTATIONS:
+            raise ValueError(f"{where}: {key} must be one of {ATTENTION_IMPLEMENTATIONS}, got {config[key]!r}")
+    for key, value in config.items():
+        if isinstance(value, dict):
+            _check_configuration(value, f"{where}[{key!r}]")
 
 
 def saved_weight_bytes(model_config: dict[str, Any], dtype: str | None) -> int:
@@ -107,7 +113,7 @@ def saved_weight_bytes(model_config: dict[str, Any], dtype: str | None) -> int:
     transformers = require_transformers("HFCausalLMPolicy")
     with th.device("meta"):
         model = transformers.AutoModelForCausalLM.from_config(
-            model_configuration(model_config), trust_remote_code=False
+            configuration_from_dict(model_config), trust_remote_code=False
         )
     size = th.tensor([], dtype=getattr(th, dtype)).element_size() if dtype else None
     unique = {id(p): p for p in model.parameters()}.values()
@@ -133,7 +139,7 @@ def with_lora(model: nn.Module, lora: dict[str, Any] | None) -> nn.Module:
         raise ValueError(f"lora: not settings peft's LoraConfig and this model accept: {error}") from None
 
 
-def _model_config(model: nn.Module) -> dict[str, Any]:
+def configuration_dict(model: nn.Module) -> dict[str, Any]:
     """The model's configuration as plain JSON values (a save holds it instead of the model)."""
     return json.loads(causal_lm(model).config.to_json_string(use_diff=False))
 
@@ -216,7 +222,7 @@ class HFCausalLMPolicy(ActorCriticPolicy):
             raise ValueError("share_features_extractor: must be True (the actor and the critic read the same model)")
         language_model = load_causal_lm(model, model_config, model_dtype)
         self.vocab_size, self.max_length = vocab_size, max_length
-        self.model_config = _model_config(language_model)
+        self.model_config = configuration_dict(language_model)
         self.model_dtype = str(next(language_model.parameters()).dtype).removeprefix("torch.")
         self.lora, self.critic, self.kv_cache = lora, critic, kv_cache
         self.bos_token_id = _bos_token_id(language_model, bos_token_id)
@@ -286,9 +292,12 @@ class HFCausalLMPolicy(ActorCriticPolicy):
         return actions.reshape((-1, *self.action_space.shape)), values, log_prob
 
     def set_training_mode(self, mode: bool) -> None:
-        """SB3's switch (collection: False, training: True); the rollout cache starts anew."""
+        """SB3's switch (collection: False, training: True); the rollout cache starts anew. The
+        language model itself stays in evaluation mode (no dropout, no training-only noise such as
+        attention dropout set in its configuration), so that rollout and training logits agree."""
         self.mlp_extractor.rollout_cache.clear()
         super().set_training_mode(mode)
+        self.mlp_extractor.model.eval()
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -311,6 +320,8 @@ class HFCausalLMPolicy(ActorCriticPolicy):
         ``weight_bytes`` of policy tensors (a configuration cannot ask for more memory than the file holds)."""
         if not isinstance(policy_kwargs, dict) or "model" in policy_kwargs:
             raise ValueError("policy_kwargs: names a model to load ('model'); a saved policy holds model_config")
+        if policy_kwargs.get("model_dtype") not in MODEL_DTYPES:
+            raise ValueError(f"policy_kwargs['model_dtype']: expected one of {MODEL_DTYPES}")
         needed = saved_weight_bytes(policy_kwargs.get("model_config"), policy_kwargs.get("model_dtype"))
         if needed > 1.05 * weight_bytes + (1 << 20):
             raise ValueError(

@@ -14,6 +14,7 @@ from typing import Any
 
 from textenv_gym.hf_tokenizer import require_transformers
 from textenv_gym.tasks import TASKS, task_kwargs
+from textenv_gym.tasks.reverse import END
 from textenv_gym.vocabulary import DEFAULT_VOCABULARY
 
 #: The special tokens of :func:`word_tokenizer`, in this order, first in the vocabulary.
@@ -25,7 +26,7 @@ def task_words() -> list[str]:
     words = list(DEFAULT_VOCABULARY)
     for env_id in TASKS:
         words += task_kwargs(env_id)["vocabulary"]
-    return list(dict.fromkeys(word for word in words if word not in ("<end>",)))
+    return list(dict.fromkeys(word for word in words if word != END))  # the tokenizer's own <eos> ends answers
 
 
 def word_tokenizer(words: Iterable[str] | None = None, extra_size: int = 0) -> Any:

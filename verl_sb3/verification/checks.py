@@ -16,7 +16,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution
 
-from verl_sb3.kl_control import non_finite_probabilities
+from verl_sb3.categorical import non_finite_probabilities, probability_mass
 from verl_sb3.tokens import last_tokens, sequence_lengths
 from verl_sb3.verification.context import CheckResult, UpdateContext, distribution_entropy
 
@@ -204,13 +204,13 @@ def forbidden_mass_check(ctx: UpdateContext, max_forbidden_prob: float) -> Check
     An update that lowers the mass always passes, so a policy that starts above the bound can
     still be improved.
     """
-    new = ctx.probabilities("new")
-    old = ctx.probabilities("old")
-    if new is None:
+    distributions = (ctx.new_distribution, ctx.old_distribution)
+    if not all(isinstance(d, CategoricalDistribution) for d in distributions):
         raise ValueError("forbidden_tokens: the forbidden-mass check needs a Discrete action space")
-    tokens = list(ctx.forbidden_tokens)
-    new_mass = new[:, tokens].sum(dim=1).mean().item()
-    old_mass = old[:, tokens].sum(dim=1).mean().item()
+    tokens = list(ctx.forbidden_tokens)  # summed in chunks of states: no (states, actions) probabilities kept
+    new_mass, old_mass = (
+        probability_mass(ctx.real(d.distribution.logits), tokens).mean().item() for d in distributions
+    )
     passed = _finite(new_mass) and (new_mass <= max_forbidden_prob or new_mass <= old_mass)
     return CheckResult(passed, new_mass, max_forbidden_prob, f"forbidden mass {old_mass:.4g} -> {new_mass:.4g}")
 

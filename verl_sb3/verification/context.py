@@ -10,7 +10,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution, Distribution, kl_divergence
 
-from verl_sb3.kl_control import categorical_entropy, categorical_kl
+from verl_sb3.categorical import categorical_entropy, categorical_kl
 from verl_sb3.rollout import distribution_validation
 
 
