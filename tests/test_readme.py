@@ -58,6 +58,7 @@ def test_every_readme_snippet_is_run_by_a_test():
         "EntropyDropJudge",
         "advantage_estimator=",
         '"HFCausalLMPolicy"',
+        "export_dataset(",
     )
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
@@ -173,3 +174,12 @@ def test_readme_hugging_face_snippet_runs(tmp_path, monkeypatch, capsys):
         same = th.equal(model.policy.get_distribution(obs).distribution.logits,
                         loaded.policy.get_distribution(obs).distribution.logits)  # fmt: skip
     assert same and capsys.readouterr().out.startswith("answer loss ")
+
+
+def test_readme_verl_export_snippet_runs(tmp_path, monkeypatch, capsys):
+    pq = pytest.importorskip("pyarrow.parquet")
+    monkeypatch.chdir(tmp_path)
+    run(block_with("export_dataset("))
+    assert capsys.readouterr().out.strip() == "1.0"
+    rows = pq.read_table(tmp_path / "reverse_test.parquet").to_pylist()
+    assert rows and rows[0]["reward_model"]["style"] == "rule" and rows[0]["prompt"][0]["role"] == "user"
