@@ -59,6 +59,7 @@ def test_every_readme_snippet_is_run_by_a_test():
         "advantage_estimator=",
         '"HFCausalLMPolicy"',
         "export_dataset(",
+        "ppo_config(",
     )
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
@@ -183,3 +184,9 @@ def test_readme_verl_export_snippet_runs(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out.strip() == "1.0"
     rows = pq.read_table(tmp_path / "reverse_test.parquet").to_pylist()
     assert rows and rows[0]["reward_model"]["style"] == "rule" and rows[0]["prompt"][0]["role"] == "user"
+
+
+def test_readme_rllib_snippet_runs(capsys):
+    pytest.importorskip("ray.rllib")
+    run(block_with("ppo_config("))
+    assert capsys.readouterr().out.strip().endswith("['verl/kl', 'verl/non_finite_parameters', 'verl/rolled_back']")
