@@ -189,4 +189,7 @@ def test_readme_verl_export_snippet_runs(tmp_path, monkeypatch, capsys):
 def test_readme_rllib_snippet_runs(capsys):
     pytest.importorskip("ray.rllib")
     run(block_with("ppo_config("))
-    assert capsys.readouterr().out.strip().endswith("['verl/kl', 'verl/non_finite_parameters', 'verl/rolled_back']")
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    assert printed == str(
+        ["verl/advantage_finite", "verl/entropy", "verl/finite_parameters", "verl/kl", "verl/rolled_back"]
+    )
