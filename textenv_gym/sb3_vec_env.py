@@ -166,3 +166,13 @@ def make_textgen_vec_env(
 ) -> VecMonitor:
     """A :class:`TextGenVecEnv` wrapped in SB3's ``VecMonitor`` (episode returns and lengths)."""
     return VecMonitor(TextGenVecEnv(num_envs, seed=seed, group_size=group_size, **env_kwargs))
+
+
+def environment_config(env: Any) -> Any:
+    """The ``config`` an SB3 vec env's environments declare (TextGen's :class:`TextGenConfig`), or None."""
+    if env is None:
+        return None
+    try:
+        return env.get_attr("config")[0]
+    except (AttributeError, IndexError):
+        return None

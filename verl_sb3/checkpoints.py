@@ -27,6 +27,7 @@ import numpy as np
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
+from textenv_gym.sb3_vec_env import environment_config
 from verl_sb3.safe_unpickle import BIT_GENERATORS, pcg64_state
 from verl_sb3.trust import (
     ALGORITHM_PACKAGES,
@@ -284,10 +285,7 @@ def _require_same_environment(path: Path, model: BaseAlgorithm) -> None:
     (``model.env_kwargs``, which the training job records; environments that do not say theirs,
     through a ``config`` attribute as TextGen-v0's, are not compared)."""
     saved = getattr(model, "env_kwargs", None)
-    try:
-        config = model.env.get_attr("config")[0]
-    except (AttributeError, IndexError):
-        return
+    config = environment_config(model.env)
     if not saved or not hasattr(config, "as_kwargs"):
         return
     try:  # the saved settings completed with their defaults, as the environment's own are

@@ -14,6 +14,7 @@ import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 
 from textenv_gym.dynamics import SequenceBatch, TextGenConfig
+from textenv_gym.sb3_vec_env import environment_config
 from verl_sb3._validation import is_integer, require_int
 from verl_sb3.rollout import policy_kind
 
@@ -52,13 +53,7 @@ def textgen_config(model: BaseAlgorithm, **overrides: Any) -> TextGenConfig:
 
 def _environment_kwargs(model: BaseAlgorithm) -> dict[str, Any]:
     """The arguments of the TextGen environment ``model`` has (none without one)."""
-    env = model.get_env()
-    config = getattr(env, "config", None)
-    if config is None and env is not None:
-        try:
-            config = env.get_attr("config")[0]
-        except AttributeError:
-            config = None
+    config = environment_config(model.get_env())
     return config.as_kwargs() if isinstance(config, TextGenConfig) else {}
 
 

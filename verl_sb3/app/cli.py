@@ -277,16 +277,18 @@ def train_config(args: argparse.Namespace):
             raise ValueError(f"--forbidden-tokens: {error}") from None
     config_file = getattr(args, "config", None)
     try:
-        config = TrainConfig.from_yaml(config_file, **overrides) if config_file is not None else None
+        if hasattr(args, "sft_default_share"):  # sft: a warm start unless the options or the file set its share
+            settings = {**_yaml_settings(config_file), **overrides}
+            if settings.get("env_id", DEFAULT_ENV_ID) == DEFAULT_ENV_ID:
+                raise ValueError(
+                    "--env: sft fits a task's (prompt, answer) records: name a task, e.g. TextGen-Reverse-v0"
+                )
+            overrides.setdefault("warm_start_share", settings.get("warm_start_share", args.sft_default_share))
+        if config_file is not None:
+            return TrainConfig.from_yaml(config_file, **overrides)
+        return TrainConfig.from_dict(overrides)
     except yaml.YAMLError as error:
         raise ValueError(f"config {config_file!r}: not valid YAML ({_one_line(error)})") from None
-    if hasattr(args, "sft_default_share"):  # sft: a warm start unless the options or the file set its share
-        if (config.env_id if config is not None else overrides.get("env_id", DEFAULT_ENV_ID)) == DEFAULT_ENV_ID:
-            raise ValueError("--env: sft fits a task's (prompt, answer) records: name a task, e.g. TextGen-Reverse-v0")
-        if "warm_start_share" not in overrides and "warm_start_share" not in _yaml_settings(config_file):
-            overrides["warm_start_share"] = args.sft_default_share
-            return TrainConfig.from_yaml(config_file, **overrides) if config_file else TrainConfig.from_dict(overrides)
-    return config if config is not None else TrainConfig.from_dict(overrides)
 
 
 def _yaml_settings(config_file: str | None) -> dict[str, Any]:

@@ -304,14 +304,17 @@ class HFCausalLMPolicy(ActorCriticPolicy):
         data.pop("net_arch", None)
         data.update(
             share_features_extractor=self.share_features_extractor,
-            model_config=self.model_config,
-            model_dtype=self.model_dtype,
-            lora=self.lora,
             critic=self.critic,
-            bos_token_id=self.bos_token_id,
             kv_cache=self.kv_cache,
+            **self._model_settings(),
         )
         return data
+
+    def _model_settings(self) -> dict[str, Any]:
+        """What rebuilds the model without the object or folder it was given."""
+        return dict(
+            model_config=self.model_config, model_dtype=self.model_dtype, lora=self.lora, bos_token_id=self.bos_token_id
+        )
 
     @staticmethod
     def check_saved_settings(policy_kwargs: Any, weight_bytes: int) -> None:
@@ -333,13 +336,7 @@ class HFCausalLMPolicy(ActorCriticPolicy):
         """``policy_kwargs`` as a save keeps them: the model's configuration instead of the model
         (no pickled object, no path needed to load), and the settings it was built with."""
         kwargs = {key: value for key, value in (policy_kwargs or {}).items() if key != "model"}
-        kwargs.update(
-            model_config=self.model_config,
-            model_dtype=self.model_dtype,
-            lora=self.lora,
-            bos_token_id=self.bos_token_id,
-        )
-        return kwargs
+        return {**kwargs, **self._model_settings()}
 
 
 def _bos_token_id(model: nn.Module, bos_token_id: int | None) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.distributions import CategoricalDistribution
 
+from textenv_gym.sb3_vec_env import environment_config
 from verl_sb3.categorical import non_finite_probabilities, probability_mass
 from verl_sb3.tokens import last_tokens, sequence_lengths
 from verl_sb3.verification.context import CheckResult, UpdateContext, distribution_entropy
@@ -192,10 +193,7 @@ def entropy_check(ctx: UpdateContext, min_entropy: float) -> CheckResult:
 
 def environment_forbidden_tokens(env: Any) -> tuple[int, ...]:
     """The tokens an environment declares forbidden (TextGen-v0's ``config.forbidden_tokens``), else none."""
-    try:
-        return tuple(env.get_attr("config")[0].forbidden_tokens) if env is not None else ()
-    except (AttributeError, IndexError):
-        return ()
+    return tuple(getattr(environment_config(env), "forbidden_tokens", ()))
 
 
 def forbidden_mass_check(ctx: UpdateContext, max_forbidden_prob: float) -> CheckResult:
