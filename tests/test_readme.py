@@ -60,6 +60,7 @@ def test_every_readme_snippet_is_run_by_a_test():
         '"HFCausalLMPolicy"',
         "export_dataset(",
         "ppo_config(",
+        "fit_reward_model(",
     )
     for block in python_blocks():
         assert any(marker in block for marker in markers), f"a README snippet no test runs:\n{block}"
@@ -193,3 +194,14 @@ def test_readme_rllib_snippet_runs(capsys):
     assert printed == str(
         ["verl/advantage_finite", "verl/entropy", "verl/finite_parameters", "verl/kl", "verl/rolled_back"]
     )
+
+
+def test_readme_human_feedback_snippet_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    namespace = run(block_with("fit_reward_model("))
+    history = namespace["curve"].history
+    assert [row["timesteps"] for row in history] == [0, 1600, 3200]
+    assert history[-1]["kl"] > 0.0
+    assert namespace["fit"].best["held_out_accuracy"] > 0.6
+    assert sorted(p.name for p in (tmp_path / "reward_model").iterdir()) == ["config.json", "model.safetensors"]
+    assert "held-out accuracy" in capsys.readouterr().out

@@ -28,9 +28,19 @@ class TorchRewardModel:
 
     :param module: the reward model; it is moved to ``device``.
     :param device: the torch device it runs on (default ``"cpu"``).
+    :param at_end: score only the sequences whose episode ends on this step (full: ``lengths`` equal to
+        ``max_length``, the tokens' width; or ending with ``eos_id``), 0 for the others: the reward of a
+        whole completion, as in RLHF. False (the default) scores every sequence on every step.
+    :param eos_id: the environment's end token, with ``at_end`` (None: episodes end when full).
     """
 
-    def __init__(self, module: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        device: str | torch.device = "cpu",
+        at_end: bool = False,
+        eos_id: int | None = None,
+    ) -> None:
         import torch
 
         if not isinstance(module, torch.nn.Module):
@@ -41,9 +51,28 @@ class TorchRewardModel:
             raise ValueError(
                 f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({error})"
             ) from None
+        if not isinstance(at_end, bool):
+            raise ValueError(f"at_end: expected True or False, got {at_end!r}")
+        if eos_id is not None and (isinstance(eos_id, bool) or not isinstance(eos_id, (int, np.integer)) or eos_id < 0):
+            raise ValueError(f"eos_id: expected None or a token id >= 0, got {eos_id!r}")
         self.module = module.to(self.device)
+        self.at_end, self.eos_id = at_end, None if eos_id is None else int(eos_id)
 
     def __call__(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        if not self.at_end:
+            return self.scores(tokens, lengths)
+        tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+        ended = lengths >= tokens.shape[1]
+        if self.eos_id is not None:
+            last = tokens[np.arange(len(lengths)), np.maximum(lengths - 1, 0)]
+            ended |= (lengths > 0) & (last == self.eos_id)
+        values = np.zeros(len(lengths))
+        if ended.any():
+            values[ended] = self.scores(tokens[ended], lengths[ended])
+        return values
+
+    def scores(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """The module's score of every sequence, float64 of shape ``(N,)``."""
         import torch
 
         expected = (len(lengths),)
@@ -70,4 +99,5 @@ class TorchRewardModel:
         return scores.detach().to("cpu", torch.float64).reshape(expected).numpy()
 
     def __repr__(self) -> str:
-        return f"TorchRewardModel({type(self.module).__name__}, device={str(self.device)!r})"
+        end = f", at_end=True, eos_id={self.eos_id}" if self.at_end else ""
+        return f"TorchRewardModel({type(self.module).__name__}, device={str(self.device)!r}{end})"

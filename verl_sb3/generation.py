@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.policies import BasePolicy
 
 from textenv_gym.dynamics import SequenceBatch, TextGenConfig
 from textenv_gym.sb3_vec_env import environment_config
@@ -80,10 +81,10 @@ def check_generation_args(num_sequences: int, temperature: float, seed: int | No
 
 
 class PolicyStepper:
-    """Steps a recurrent or feed-forward SB3 policy one token at a time over a batch."""
+    """Steps a recurrent or feed-forward SB3 policy (``model``'s, or ``policy``) one token at a time over a batch."""
 
-    def __init__(self, model: BaseAlgorithm, num_sequences: int) -> None:
-        self.policy = model.policy
+    def __init__(self, model: BaseAlgorithm, num_sequences: int, policy: BasePolicy | None = None) -> None:
+        self.policy = model.policy if policy is None else policy
         self.recurrent = policy_kind(self.policy).recurrent
         if self.recurrent:
             lstm = self.policy.lstm_actor

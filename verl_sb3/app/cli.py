@@ -5,6 +5,8 @@
     verl-sb3 train [--total-timesteps N] [--config FILE.yaml] [--output-dir DIR] ...
     verl-sb3 evaluate CHECKPOINT [--n-sequences N] [--seed S] [--prompt TEXT] [--output-dir DIR]
     verl-sb3 generate CHECKPOINT [--prompt TEXT | --prompt-ids "1,2,3"] [--num-sequences N] ...
+    verl-sb3 label CHECKPOINT [--output preferences.jsonl] [--pairs N] [--labeller NAME] ...
+    verl-sb3 reward-model PREFERENCES.jsonl [--output reward_model] [--checkpoint CHECKPOINT] ...
 
 Exit codes: 0 on success; 1 when ``train`` or ``evaluate`` ends below one of the evaluation
 targets; 2 on a bad argument, a bad configuration, a missing or damaged checkpoint, an output
@@ -27,6 +29,7 @@ import torch as th
 
 from verl_sb3 import __version__
 from verl_sb3.advantages import ADVANTAGE_ESTIMATORS, LOSS_AGG_MODES
+from verl_sb3.app.feedback import add_label_command, add_reward_model_command, add_reward_model_options
 
 PROG = "verl-sb3"
 #: The share of the task's train split that ``sft`` warm-starts on unless told otherwise.
@@ -54,6 +57,8 @@ TRAIN_OPTIONS = (
     "warm_start_epochs",
     "loss_agg_mode",
     "stop_on_targets",
+    "reward_model",
+    "ref_kl_coef",
 )
 
 
@@ -120,11 +125,15 @@ def parse_token_ids(text: str | Sequence[str]) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Verified PPO for a small LSTM language model on TextGen-v0.")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{train,sft,evaluate,generate}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{train,sft,evaluate,generate,label,reward-model}"
+    )
     _add_train_command(commands)
     _add_train_command(commands, warm_start=True)
     _add_evaluate_command(commands)
     _add_generate_command(commands)
+    add_label_command(commands)
+    add_reward_model_command(commands)
     return parser
 
 
@@ -194,6 +203,7 @@ def _add_train_command(commands: Any, warm_start: bool = False) -> None:
         "--warm-start-share", type=float, help="share of the task's train split for a supervised warm start (0: none)"
     )
     train.add_argument("--warm-start-epochs", type=_integer(1), help="passes of the warm start over its records")
+    add_reward_model_options(train)
     train.add_argument("--output-dir", help="folder of the outputs (default: results)")
     train.add_argument("--no-progress-bar", dest="progress_bar", action="store_false", help="hide the progress bar")
     job = train.add_mutually_exclusive_group()
@@ -358,6 +368,8 @@ def _train(args: argparse.Namespace) -> int:
     print(f"  configuration    {output / 'config.yaml'}")
     if (output / "warm_start.json").is_file():
         print(f"  warm start       {output / 'warm_start.json'}")
+    if (output / "overoptimisation.png").is_file():
+        print(f"  proxy vs gold    {output / 'overoptimisation.png'}, {output / 'overoptimisation.json'}")
     return _report_targets(result["rows"], fail_code=1)
 
 

@@ -20,6 +20,7 @@ except ImportError:  # older releases: the same schedule as a closure
 
 from textenv_gym.dynamics import TextGenConfig
 from verl_sb3.advantages import GROUP_ESTIMATORS
+from verl_sb3.app.proxy_reward import check_reward_model_settings
 from verl_sb3.estimation import check_advantage_settings
 from verl_sb3.verification.config import DEFAULT_KL_THRESHOLD
 
@@ -76,6 +77,7 @@ ADDED_SETTINGS: dict[str, Any] = {
     "stop_on_targets": False,
     "warm_start_share": 0.0,
     "warm_start_epochs": 5,
+    "reward_model": None,
 }
 
 
@@ -88,7 +90,8 @@ class TrainConfig:
     :data:`TASK_DEFAULTS`. A task sets the vocabulary and the length itself, so ``vocab_size``, ``max_length``
     and ``forbidden_tokens`` must keep their defaults; its ``eval_sequences`` and ``final_eval_sequences`` are
     the answers sampled per test prompt. ``advantage_estimator``, ``loss_agg_mode``, ``clip_range_high``,
-    ``filter_groups``: :mod:`verl_sb3.estimation`; ``group_size``: environments answering in groups. With
+    ``filter_groups``: :mod:`verl_sb3.estimation`; ``group_size``: environments answering in groups;
+    ``reward_model``: a saved reward model to train against (:mod:`verl_sb3.app.proxy_reward`). With
     ``stop_on_targets``, training ends at the first evaluation meeting the evaluation targets whose confirming
     evaluation (``final_eval_sequences`` fresh samples) meets them too. ``warm_start_*``: a supervised warm
     start before RL (:func:`verl_sb3.app.warm_start.run_warm_start`).
@@ -125,6 +128,7 @@ class TrainConfig:
     stop_on_targets: bool = True
     warm_start_share: float = 0.0
     warm_start_epochs: int = 5
+    reward_model: str | None = None
     vf_coef: float = 0.5
     max_grad_norm: float = 0.5
     policy_kwargs: dict[str, Any] = field(default_factory=lambda: {"enable_critic_lstm": False})
@@ -216,6 +220,7 @@ class TrainConfig:
             self.textgen = TextGenConfig(**self.environment_kwargs())
         except TypeError as error:
             raise ValueError(f"env_kwargs: {error}") from None
+        check_reward_model_settings(self)
 
     @property
     def task(self) -> bool:

@@ -1,4 +1,4 @@
-"""The training dashboard: four plots in one PNG."""
+"""The training dashboard: its plots in one PNG."""
 
 from __future__ import annotations
 
@@ -42,16 +42,28 @@ def plot_dashboard(
     target_entropy: float | None = None,
     kl_threshold: float | None = None,
     random_repetition: float | None = None,
+    gold_history: Sequence[dict] = (),
+    gold_label: str = "gold score",
 ) -> Path:
     """The training dashboard, saved to ``path``: episode rewards (raw and moving average), the
     periodic evaluations (return and repetition, against the uniform random policy's), policy
     entropy (with its target), the exact KL of each update (with its threshold), the training
-    loss and the verification rate, and the reward distribution early against late in training."""
+    loss and the verification rate, and the reward distribution early against late in training; with
+    ``gold_history`` (:class:`verl_sb3.rlhf.GoldScoreCallback`'s), a row of proxy reward against gold score."""
     path = Path(path)
-    fig, axes = plt.subplots(3, 2, figsize=(13, 12))
-    (ax_reward, ax_eval), (ax_entropy, ax_kl), (ax_loss, ax_rate) = axes
+    fig, axes = plt.subplots(4 if gold_history else 3, 2, figsize=(13, 16 if gold_history else 12))
+    (ax_reward, ax_eval), (ax_entropy, ax_kl), (ax_loss, ax_rate) = axes[:3]
+    if gold_history:
+        from verl_sb3.rlhf.overoptimisation import draw_overoptimisation
+
+        draw_overoptimisation(axes[3], gold_history, gold_label)
     returns = np.asarray(episode_returns, dtype=float)
-    _plot_rewards(ax_reward, np.asarray(episode_timesteps, dtype=float), returns, optimum, random_baseline)
+    steps = np.asarray(episode_timesteps, dtype=float)
+    if gold_history:  # the episodes' rewards are the reward model's: TextGen-v0's optimum and baseline do not apply
+        _plot_rewards(ax_reward, steps, returns, None, None)
+        ax_reward.set_title("Episode rewards: the reward model's (proxy)")
+    else:
+        _plot_rewards(ax_reward, steps, returns, optimum, random_baseline)
     _plot_evaluations(ax_eval, evaluations, optimum, random_baseline, random_repetition)
     _plot_update_figure(
         ax_entropy, updates, "entropy", "Policy entropy (nats)", "mean entropy", target_entropy, "target"
@@ -59,7 +71,9 @@ def plot_dashboard(
     _plot_update_figure(ax_kl, updates, "kl", "KL of each update", "exact KL(old || new)", kl_threshold, "threshold")
     _plot_losses(ax_loss, updates)
     _plot_verification(ax_rate, updates)
-    _plot_distribution(ax_rate.inset_axes([0.07, 0.3, 0.4, 0.45]), returns, optimum)  # the rate's panel is mostly empty
+    _plot_distribution(
+        ax_rate.inset_axes([0.07, 0.3, 0.4, 0.45]), returns, None if gold_history else optimum
+    )  # the rate's panel is mostly empty
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     replace_with(path, lambda temporary: fig.savefig(temporary, dpi=100))

@@ -30,6 +30,8 @@ OUTPUTS = (
     "evaluation.json",
     "training_curves.png",
     "warm_start.json",
+    "overoptimisation.json",
+    "overoptimisation.png",
     "logs",
     "model_checkpoints",
 )

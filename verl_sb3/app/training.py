@@ -31,6 +31,7 @@ from verl_sb3.app.config import ADDED_SETTINGS, TrainConfig
 from verl_sb3.app.dashboard import plot_dashboard
 from verl_sb3.app.files import replace_text
 from verl_sb3.app.job import JOB_STATE_ENTRY, JobError, newest_checkpoint, owned_folder
+from verl_sb3.app.proxy_reward import GOLD_LABEL, gold_callback, plot_gold_history, training_env_kwargs
 from verl_sb3.app.recorder import TrainingRecorder
 from verl_sb3.app.suites import suite_for
 from verl_sb3.app.targets import (
@@ -58,9 +59,9 @@ def _logger_formats() -> list[str]:
 
 
 def build_env(config: TrainConfig) -> Any:
-    """The job's vectorised environment."""
+    """The job's vectorised environment (rewarded by the reward model when ``reward_model`` is set)."""
     return make_textgen_vec_env(
-        config.n_envs, seed=config.seed, group_size=config.group_size, **config.textgen.as_kwargs()
+        config.n_envs, seed=config.seed, group_size=config.group_size, **training_env_kwargs(config)
     )
 
 
@@ -80,7 +81,8 @@ def build_model(config: TrainConfig) -> VerifiedRecurrentPPO:
 
 def record_environment(model: Any, config: TrainConfig) -> Any:
     """``model`` with the environment it trains on recorded (saved with it): ``env_kwargs`` (the
-    TextGen-v0 arguments generation and evaluation rebuild it from), ``env_id``, ``task_kwargs``."""
+    TextGen-v0 arguments generation and evaluation rebuild it from; of a run against a reward model,
+    the environment without it, whose own reward is the gold score), ``env_id``, ``task_kwargs``."""
     model.env_kwargs = config.textgen.as_kwargs()
     model.env_id = config.env_id
     model.task_kwargs = dict(config.env_kwargs) if config.task else None
@@ -126,8 +128,12 @@ def resume(
         if changed:
             raise JobError(f"--resume {str(output)!r}: config.yaml changed since {checkpoint.name}: {changed}")
         th.set_num_threads(config.threads)
-        # a task's episodes end at the end token, not together: its run goes on from fresh episodes
-        model = resume_checkpoint(checkpoint, build_env(config), exact=not config.task)
+        # a task's episodes end at the end token, not together: its run goes on from fresh episodes; the
+        # environment is compared with the one trained on (its reward model included), then recorded as always
+        environment = {"env_kwargs": training_env_kwargs(config)} if config.reward_model else {}
+        model = resume_checkpoint(checkpoint, build_env(config), exact=not config.task, **environment)
+        if config.reward_model:
+            record_environment(model, config)
         recorder = TrainingRecorder.resumed(config, output, state, _progress_lines(config))
         progress = output / "logs" / "progress.csv"
         if progress.is_file() and not progress.is_symlink():  # SB3's logger starts its file anew: keep the old one
@@ -149,11 +155,13 @@ def _run(
     callbacks: Sequence[BaseCallback],
 ) -> dict[str, Any]:
     model.set_logger(configure(str(output / "logs"), _logger_formats()))
+    gold = gold_callback(config, output, model.num_timesteps if resumed else 0)
+    own = [CriticWarmupCallback(config.critic_warmup), recorder, *([gold] if gold is not None else [])]
     try:
         with _stop_on_interrupt(recorder):
             model.learn(
                 config.total_timesteps - model.num_timesteps,
-                callback=CallbackList([CriticWarmupCallback(config.critic_warmup), recorder, *callbacks]),
+                callback=CallbackList([*own, *callbacks]),
                 progress_bar=config.progress_bar,
                 reset_num_timesteps=not resumed,
             )
@@ -182,8 +190,11 @@ def _run(
         target_entropy=config.target_entropy,
         kl_threshold=config.kl_threshold,
         random_repetition=RANDOM_POLICY_REPETITION if default_task else None,
+        gold_history=gold.history if gold is not None else (),
+        gold_label=GOLD_LABEL,
     )
     replace_text(output / "evaluations.json", json.dumps(recorder.evaluations, indent=2))
+    plot_gold_history(gold, output)
     return {"figures": figures, "rows": rows, "table": markdown_table(rows), "model": model, "recorder": recorder}
 
 
