@@ -58,7 +58,7 @@ def _environment_kwargs(model: BaseAlgorithm) -> dict[str, Any]:
     return config.as_kwargs() if isinstance(config, TextGenConfig) else {}
 
 
-def _start(
+def start_sequences(
     config: TextGenConfig, num_sequences: int, prompt: str | list[int] | None
 ) -> tuple[SequenceBatch, list[int], int]:
     """``num_sequences`` sequences reset to ``prompt``, the prompt's ids, and the room left after it."""
@@ -157,7 +157,7 @@ def generate(
     config = textgen_config(model)
     if prompt is not None and config.compute_score is not None:  # a prompt given here has no reference answer
         config = dataclasses.replace(config, compute_score=None, prompts=None)
-    sequences, prompt_ids, room = _start(config, num_sequences, prompt)
+    sequences, prompt_ids, room = start_sequences(config, num_sequences, prompt)
     length = room if length is None else length
     if not is_integer(length) or not 1 <= length <= room:
         raise ValueError(
@@ -191,7 +191,7 @@ def optimal_return(config: TextGenConfig, prompt: str | list[int] | None = None,
     already used allowed or forbidden token. ``reward_weights`` are taken into account; with user
     components (``reward_fns``) the optimum is unknown and NaN is returned.
     """
-    sequences, prompt_ids, room = _start(config, 1, prompt)
+    sequences, prompt_ids, room = start_sequences(config, 1, prompt)
     length = room if length is None else length
     length = require_int("length", length, 0, room)
     if config.reward_fns:

@@ -75,12 +75,14 @@ def training_env_kwargs(config: Any) -> dict[str, Any]:
     return kwargs
 
 
-def gold_callback(config: Any, output: Path, timesteps: int) -> Any:
-    """The job's :class:`~verl_sb3.rlhf.GoldScoreCallback`, its history read back up to ``timesteps``
-    (a resumed job's checkpoint) from ``output``; None without ``reward_model``."""
+def gold_callback(config: Any, model: Any, output: Path, timesteps: int) -> Any:
+    """The job's :class:`~verl_sb3.rlhf.GoldScoreCallback` on the reward model ``model``'s environment
+    holds, its history read back up to ``timesteps`` (a resumed job's checkpoint) from ``output``;
+    None without ``reward_model``."""
     if config.reward_model is None:
         return None
-    from verl_sb3.rlhf import GoldScoreCallback, environment_return, load_reward_model
+    from textenv_gym.sb3_vec_env import environment_config
+    from verl_sb3.rlhf import GoldScoreCallback, environment_return
 
     gold = functools.partial(environment_return, config.textgen)
     path = output / HISTORY_FILE
@@ -88,7 +90,7 @@ def gold_callback(config: Any, output: Path, timesteps: int) -> Any:
     if timesteps and path.is_file():
         history = [row for row in json.loads(path.read_text()) if row["timesteps"] <= timesteps]
     return GoldScoreCallback(
-        load_reward_model(config.reward_model),
+        environment_config(model.get_env()).reward_fns[COMPONENT],
         gold,
         config.eval_freq,
         config.eval_sequences,

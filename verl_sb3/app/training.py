@@ -155,7 +155,7 @@ def _run(
     callbacks: Sequence[BaseCallback],
 ) -> dict[str, Any]:
     model.set_logger(configure(str(output / "logs"), _logger_formats()))
-    gold = gold_callback(config, output, model.num_timesteps if resumed else 0)
+    gold = gold_callback(config, model, output, model.num_timesteps if resumed else 0)
     own = [CriticWarmupCallback(config.critic_warmup), recorder, *([gold] if gold is not None else [])]
     try:
         with _stop_on_interrupt(recorder):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -23,11 +24,18 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.policies import BasePolicy
 
-from textenv_gym.dynamics import SequenceBatch, TextGenConfig
+from textenv_gym.dynamics import TextGenConfig
 from textenv_gym.reward_models import TorchRewardModel
 from verl_sb3._validation import require_int
 from verl_sb3.categorical import categorical_kl
-from verl_sb3.generation import PolicyStepper, evaluation_mode, sample_tokens, sampling_generator, textgen_config
+from verl_sb3.generation import (
+    PolicyStepper,
+    evaluation_mode,
+    sample_tokens,
+    sampling_generator,
+    start_sequences,
+    textgen_config,
+)
 from verl_sb3.rlhf.labelling import model_prompts
 
 GoldFn = Callable[[str, str], float]
@@ -36,10 +44,7 @@ GoldFn = Callable[[str, str], float]
 def environment_return(config: TextGenConfig, prompt: str, completion: str) -> float:
     """The return the environment ``config`` (its own reward, without user components) gives
     ``completion`` after ``prompt``: the sum of its rewards over the completion's tokens."""
-    config = dataclasses.replace(config, reward_fns=None, prompts=None, compute_score=None)
-    sequences = SequenceBatch(config, 1)
-    sequences.set_prompt(prompt or None)
-    sequences.reset()
+    sequences, _, _ = start_sequences(own_reward(config), 1, prompt or None)
     total = 0.0
     for token in config.tokenizer.encode(completion):
         total += float(sequences.append(np.array([token], dtype=np.int64)).reward[0])
@@ -65,11 +70,9 @@ def measure_gold_and_proxy(
     reference = getattr(model, "ref_policy", None) if reference is None else reference
     if not isinstance(reference, BasePolicy):
         raise ValueError("reference: the model has no ref_policy (ref_kl_coef unset); pass the reference policy")
-    config = dataclasses.replace(textgen_config(model), reward_fns=None, compute_score=None, prompts=None)
+    config = own_reward(textgen_config(model))
     prompts = model_prompts(model) if prompts is None else list(prompts)
-    groups: dict[str, int] = {}
-    for index in range(num_sequences):
-        groups[prompts[index % len(prompts)]] = groups.get(prompts[index % len(prompts)], 0) + 1
+    groups = Counter(prompts[index % len(prompts)] for index in range(num_sequences))
     generator = sampling_generator(seed)
     proxy, gold, kl = [], [], []
     with evaluation_mode(model):
@@ -81,11 +84,14 @@ def measure_gold_and_proxy(
     return {"proxy": float(np.mean(proxy)), "gold": float(np.mean(gold)), "kl": float(np.mean(kl))}
 
 
+def own_reward(config: TextGenConfig) -> TextGenConfig:
+    """``config`` without user reward components, scores or a prompt source: its own reward only."""
+    return dataclasses.replace(config, reward_fns=None, compute_score=None, prompts=None)
+
+
 def _sample(model, reference, config, prompt, count, generator):
-    sequences = SequenceBatch(config, count)
-    sequences.set_prompt(prompt or None)
-    sequences.reset()
-    start = int(sequences.lengths[0])
+    sequences, prompt_ids, _ = start_sequences(config, count, prompt or None)
+    start = len(prompt_ids)
     policy, ref = PolicyStepper(model, count), PolicyStepper(model, count, policy=reference)
     kl = th.zeros(count, dtype=th.float64)
     active = np.ones(count, dtype=bool)
